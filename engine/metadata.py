@@ -34,6 +34,7 @@ from typing import BinaryIO
 
 import pycurl
 
+from engine import __version__
 from engine.errors import RETRYABLE, Reason, reason_for_curl, reason_for_status
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/openimages/"
@@ -181,7 +182,7 @@ class DownloadConfig:
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
     max_redirects: int = 5
-    user_agent: str = "oidl-engine-metadata/0.1 (+https://github.com/; Open Images metadata fetcher)"
+    user_agent: str = f"oidl-engine/{__version__} (Open Images metadata; pycurl)"
 
 
 #: ``progress(bytes_done, bytes_total_or_None)``; called as bytes arrive (and once at start).
@@ -228,8 +229,8 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _md5_file(path: Path, h: hashlib._Hash | None = None) -> hashlib._Hash:
-    h = h or hashlib.md5()
+def _md5_file(path: Path) -> hashlib._Hash:
+    h = hashlib.md5()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
@@ -293,6 +294,7 @@ class _Transfer:
 
     def __init__(
         self,
+        name: str,
         part: BinaryIO,
         offset: int,
         md5: hashlib._Hash,
@@ -300,6 +302,7 @@ class _Transfer:
         on_start: Callable[[dict], None],
         progress: ProgressFn | None,
     ) -> None:
+        self.name = name
         self.part = part
         self.offset = offset  # bytes on disk when the body started (0 after a restart)
         self.written = offset  # bytes on disk now
@@ -366,6 +369,7 @@ class _Transfer:
         }
         if self.offset > 0 and self.status == 200:
             # Range ignored, or If-Range found the file changed: this body is the whole file.
+            print(f"note: {self.name}: server sent the whole file instead of the rest; starting over", file=sys.stderr)
             self.truncate()
         elif self.offset > 0:
             # Compared only where both sides know a value: a validator the server never sent
@@ -513,7 +517,7 @@ def _download_part(
         resumed = offset > 0
         attempt = restarts = 0
         while True:
-            xfer = _Transfer(part, offset, md5, dict(sidecar.data), sidecar.record, progress)
+            xfer = _Transfer(name, part, offset, md5, dict(sidecar.data), sidecar.record, progress)
             total = size if size is not None else sidecar.data.get("total")
             if progress is not None:
                 progress(offset, total)
@@ -656,13 +660,14 @@ def extract(archive: Path, root: Path) -> int:
             raise MetadataError(Reason.CORRUPT, f"{archive.name}: unsafe member {e.tarinfo.name!r} rejected ({e})") from None
         except (tarfile.TarError, EOFError, OSError) as e:
             raise MetadataError(Reason.CORRUPT, f"{archive.name}: cannot extract: {e}") from None
+        files = sorted(set(files))  # a tar may repeat a name; the last copy won in tmp
         for rel in files:
             target = root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / rel, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _write_json_atomic(marker, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "files": sorted(set(files))})
+    _write_json_atomic(marker, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "files": files})
     return len(files)
 
 
@@ -697,7 +702,7 @@ class _PlainProgress:
 
     def __call__(self, done: int, total: int | None) -> None:
         now = time.monotonic()
-        if not self._init:
+        if not self._init or done < self._done0:  # first call, or the download restarted at 0
             self._t0 = self._last = now
             self._done0 = done
             self._init = True
@@ -733,7 +738,7 @@ def _progress_for(name: str, tty: bool) -> Iterator[ProgressFn]:
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
@@ -852,7 +857,11 @@ def run(args: argparse.Namespace) -> int:
         except OSError:
             print(f"error: another 'oidl-engine metadata' is running in {root}", file=sys.stderr)
             return 1
-        return _run_locked(files, root, args.base_url, cfg, extract_archives=not args.no_extract)
+        try:
+            return _run_locked(files, root, args.base_url, cfg, extract_archives=not args.no_extract)
+        except KeyboardInterrupt:
+            print("interrupted: run the same command again to resume", file=sys.stderr)
+            return 130
 
 
 def _run_locked(files: tuple[MetaFile, ...], root: Path, base_url: str, cfg: DownloadConfig, *, extract_archives: bool) -> int:

@@ -19,7 +19,9 @@ from engine.errors import Reason
 from engine.metadata import RELEASES, DownloadConfig, MetadataError, download, extract, is_complete
 
 SAMPLES = Path("/work/shared/openimages-samples")
-FAST = DownloadConfig(connect_timeout_s=2, low_speed_time_s=2, low_speed_limit_bps=1000, max_retries=3, retry_base_s=0.05)
+FAST = DownloadConfig(
+    connect_timeout_s=2, low_speed_time_s=2, low_speed_limit_bps=1000, max_retries=3, retry_base_s=0.05, retry_max_s=0.5
+)
 
 
 def _cli(*argv: str) -> argparse.Namespace:
