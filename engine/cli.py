@@ -1,0 +1,355 @@
+"""The ``oidl-engine`` command line: run, demo, results, metadata."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .config import FetchConfig, OutputConfig, RunConfig, SourceConfig
+from .ring import RingConfig
+from .variants import DEFAULT_QUALITY, PipelineConfig, parse_sizes, parse_variant
+
+EXIT_OK = 0
+EXIT_FAILED_ROWS = 0  # failed rows are results, not errors: see `results`
+EXIT_USAGE = 2
+EXIT_RUN_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _positive(kind: type = int):  # noqa: ANN202
+    def conv(text: str):  # noqa: ANN202
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return v
+
+    return conv
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return v
+
+
+def _rgb(text: str) -> tuple[int, int, int]:
+    t = text.strip().lstrip("#")
+    try:
+        if "," in t:
+            parts = tuple(int(p) for p in t.split(","))
+        elif len(t) == 6:
+            parts = tuple(int(t[i : i + 2], 16) for i in (0, 2, 4))
+        else:
+            raise ValueError
+        if len(parts) != 3 or not all(0 <= p <= 255 for p in parts):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R,G,B (0-255) or a hex colour like ffffff, got {text!r}") from None
+    return parts  # type: ignore[return-value]
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True) -> None:
+    if lists_required:
+        p.add_argument(
+            "lists",
+            nargs="+",
+            metavar="LIST",
+            help="image lists: Open Images images.csv of any release (.csv or .csv.gz), CVDF split/ImageID "
+            "lists, or plain URL lists (one per line). Several lists are processed in one run.",
+        )
+        p.add_argument("--out", required=True, type=Path, help="output directory")
+    g = p.add_argument_group("selection")
+    g.add_argument("--subset", choices=("train", "validation", "test"), help="only rows of this subset")
+    g.add_argument("--limit", type=_positive(), help="stop after this many rows")
+    g.add_argument(
+        "--source",
+        choices=("original", "thumbnail", "mirror"),
+        default="original",
+        help="original: OriginalURL (verified against OriginalSize/OriginalMD5); thumbnail: Thumbnail300KURL, "
+        "falling back to OriginalURL where missing (not checksummed: regenerated on the fly); mirror: the CVDF "
+        "mirror's 1024-px copies at MIRROR_BASE_URL/<split>/<ImageID>.jpg",
+    )
+    g.add_argument("--mirror-base-url", default=SourceConfig.mirror_base_url, help="base URL of the mirror")
+    g.add_argument("--retry-failed", action="store_true", help="redo rows that failed in an earlier run")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--db", type=Path, help="state database (default: OUT/oidl.sqlite)")
+    g.add_argument("--sizes", default="", help="shorthand for variants: comma-separated longest sides, e.g. 256,512")
+    g.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="an output variant SIZE[:MODE][:FORMAT][:qN][:progressive][:subsample=on|off], repeatable; "
+        "e.g. 256, 512:fill-crop:webp:q80, 224x224:fill-distort. Modes: shrink, fill-crop, fill-distort, pad",
+    )
+    g.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="default encoder quality (1-100)")
+    g.add_argument("--save-originals", action="store_true", help="keep the downloaded files under OUT/original/")
+    g.add_argument("--no-subdirs", action="store_true", help="no 3-letter subdirectories: OUT/<variant>/<ImageID>.<ext>")
+    g.add_argument(
+        "--png",
+        choices=("convert", "keep", "discard"),
+        default="convert",
+        help="PNG sources: convert to the variant's format, keep as PNG, or discard (row fails png_discarded)",
+    )
+    g.add_argument("--background", type=_rgb, default=(255, 255, 255), help="colour for alpha flattening and pad")
+    g.add_argument(
+        "--apply-rotation",
+        action="store_true",
+        help="apply the Open Images Rotation column (v4+) after EXIF orientation",
+    )
+    g.add_argument("--max-pixels", type=_positive(), default=100_000_000, help="pixel cap (decompression bombs)")
+    g.add_argument("--durable", action="store_true", help="fsync every file before its row is committed")
+
+    g = p.add_argument_group("processes")
+    g.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
+    g.add_argument("--fetchers", type=_positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
+    g.add_argument("--transfers", type=_positive(), default=FetchConfig.transfers, help="transfers in flight per fetcher")
+    g.add_argument(
+        "--ring-mb", type=_positive(), default=256, help="shared-memory ring per fetcher for bodies in flight, MiB"
+    )
+
+    g = p.add_argument_group("network")
+    g.add_argument("--max-connections", type=_positive(), default=FetchConfig.max_connections, help="total connections")
+    g.add_argument(
+        "--max-host-connections", type=_positive(), default=FetchConfig.max_host_connections, help="connections per host"
+    )
+    g.add_argument("--connect-timeout", type=_positive(float), default=FetchConfig.connect_timeout_s, help="seconds")
+    g.add_argument(
+        "--low-speed-time",
+        type=_positive(float),
+        default=FetchConfig.low_speed_time_s,
+        help="abort a transfer below --low-speed-limit for this many seconds (stalled server)",
+    )
+    g.add_argument("--low-speed-limit", type=_positive(), default=FetchConfig.low_speed_bps, help="bytes/second")
+    g.add_argument("--timeout", type=_positive(float), default=FetchConfig.timeout_s, help="deadline of one attempt, s")
+    g.add_argument("--max-redirects", type=_nonneg_int, default=FetchConfig.max_redirects, help="http/https redirects")
+    g.add_argument("--max-retries", type=_nonneg_int, default=FetchConfig.max_retries, help="retries of transient failures")
+    g.add_argument("--retry-base", type=_positive(float), default=FetchConfig.retry_base_s, help="first retry delay, s")
+    g.add_argument("--max-bytes", type=_positive(), default=FetchConfig.max_body_bytes, help="body size cap, bytes")
+    g.add_argument("--user-agent", default=FetchConfig.user_agent, help="User-Agent header")
+    g.add_argument(
+        "--resolve",
+        action="append",
+        default=[],
+        metavar="HOST:PORT:ADDR",
+        help="pin a host name to an address (libcurl RESOLVE), repeatable",
+    )
+    g.add_argument("--no-verify", action="store_true", help="do not check OriginalSize/OriginalMD5")
+    g.add_argument("--insecure", action="store_true", help="accept TLS certificates that do not verify")
+
+    g = p.add_argument_group("monitoring")
+    g.add_argument("--metrics-port", type=_nonneg_int, help="serve Prometheus metrics on this port")
+    g.add_argument("--metrics-host", default="127.0.0.1", help="address for --metrics-port")
+    g.add_argument("--ui", choices=("auto", "plain", "tui", "web", "none"), default="auto",
+                   help="auto: tui on a terminal, else plain lines")
+    g.add_argument("--web-port", type=_nonneg_int, help="serve the live web UI on this port")
+    g.add_argument("--web-host", default="127.0.0.1", help="address for --web-port")
+    g.add_argument("-v", "--verbose", action="store_true", help="log more")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="oidl-engine",
+        description="Download, verify, convert and package Open Images (and any image URL list).",
+        formatter_class=_Formatter,
+    )
+    p.add_argument("--version", action="version", version=f"oidl-engine {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="download and process image lists",
+        formatter_class=_Formatter,
+        description="Download every row of the lists, verify it, decode it, write the requested variants, and "
+        "record every row in the state DB. Run the same command again to resume.",
+    )
+    _add_run_options(run)
+
+    demo = sub.add_parser(
+        "demo",
+        help="self-contained demo: loopback server + generated list",
+        formatter_class=_Formatter,
+        description="Generate photo-like images (and a few broken ones), serve them on 127.0.0.1, write an "
+        "Open Images-format list pointing at them, and run the engine on it. No internet needed.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
+    demo.add_argument("-n", "--images", type=_positive(), default=200, help="number of images")
+    demo.add_argument("--broken", type=_nonneg_int, default=6, help="how many of them are broken")
+    demo.add_argument("--sizes", default="256,512", help="variants to make")
+    demo.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="worker processes")
+    demo.add_argument("--ui", choices=("auto", "plain", "tui", "web", "none"), default="auto", help="progress display")
+    demo.add_argument("--metrics-port", type=_nonneg_int, help="serve Prometheus metrics on this port")
+    demo.add_argument("--web-port", type=_nonneg_int, help="serve the live web UI on this port")
+
+    res = sub.add_parser(
+        "results",
+        help="write images-success.csv and images-failure.csv",
+        formatter_class=_Formatter,
+        description="From the state DB, write images-success.csv (the input lists' own columns) and "
+        "images-failure.csv (the same plus reason and detail).",
+    )
+    res.add_argument("out", type=Path, help="the run's output directory")
+    res.add_argument("--db", type=Path, help="state database (default: OUT/oidl.sqlite)")
+    res.add_argument("--dest", type=Path, help="where to write the CSVs (default: OUT)")
+
+    try:
+        from . import metadata
+
+        metadata.register(sub)
+    except ImportError:  # pragma: no cover - the metadata module is optional at import time
+        pass
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> RunConfig:
+    """Turn parsed options into the frozen run config; raises ValueError with a user message."""
+    variants = list(parse_sizes(a.sizes, default_quality=a.quality)) if a.sizes else []
+    for spec in a.variant:
+        variants.append(parse_variant(spec, default_quality=a.quality))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the same variant is asked for twice: {', '.join(names)}")
+    if not 1 <= a.quality <= 100:
+        raise ValueError("--quality must be between 1 and 100")
+    out: Path = a.out
+    slot_bytes = RingConfig.slot_bytes
+    fetch = FetchConfig(
+        fetchers=a.fetchers,
+        transfers=a.transfers,
+        max_connections=a.max_connections,
+        max_host_connections=a.max_host_connections,
+        connect_timeout_s=a.connect_timeout,
+        low_speed_bps=a.low_speed_limit,
+        low_speed_time_s=a.low_speed_time,
+        timeout_s=a.timeout,
+        max_redirects=a.max_redirects,
+        max_retries=a.max_retries,
+        retry_base_s=a.retry_base,
+        max_body_bytes=a.max_bytes,
+        user_agent=a.user_agent,
+        verify=not a.no_verify,
+        resolve=tuple(a.resolve),
+        insecure=a.insecure,
+    )
+    ring_slots = max(1, a.ring_mb * 1024 * 1024 // slot_bytes)
+    if ring_slots * slot_bytes < 2 * a.max_bytes:
+        raise ValueError(f"--ring-mb {a.ring_mb} must hold at least two bodies of --max-bytes {a.max_bytes}")
+    ui = a.ui
+    if ui == "auto":
+        ui = "tui" if sys.stdout.isatty() else "plain"
+    return RunConfig(
+        lists=tuple(a.lists),
+        output=OutputConfig(
+            out_dir=out,
+            db_path=a.db or out / "oidl.sqlite",
+            subdirs=not a.no_subdirs,
+            save_originals=a.save_originals,
+            durable=a.durable,
+        ),
+        fetch=fetch,
+        source=SourceConfig(source=a.source, mirror_base_url=a.mirror_base_url),
+        pipeline=PipelineConfig(
+            variants=tuple(variants),
+            max_pixels=a.max_pixels,
+            png=a.png,
+            background_rgb=a.background,
+            apply_rotation=a.apply_rotation,
+        ),
+        ring=RingConfig(slot_bytes=slot_bytes, fetch_slots=ring_slots),
+        workers=a.procs,
+        subset=a.subset,
+        limit=a.limit,
+        retry_failed=a.retry_failed,
+        metrics_host=a.metrics_host,
+        metrics_port=a.metrics_port,
+        ui=ui,
+        web_host=a.web_host,
+        web_port=a.web_port,
+    )
+
+
+def run_engine(cfg: RunConfig) -> int:
+    """Run with the configured UI; returns the exit code."""
+    from .inputs import ListError
+    from .report import PlainReporter, summary_text
+    from .supervisor import RunError, Supervisor
+
+    reporter = PlainReporter() if cfg.ui == "plain" else None
+
+    def tick(sup: Supervisor) -> None:
+        if reporter is not None:
+            reporter.tick(sup.stats)
+
+    sup = Supervisor(cfg, on_tick=tick)
+    try:
+        summary = sup.run()
+    except ListError as e:
+        print(f"oidl-engine: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunError as e:
+        print(f"oidl-engine: {e}", file=sys.stderr)
+        return EXIT_RUN_ERROR
+    if cfg.ui != "none":
+        print(summary_text(summary.ok, summary.failed, summary.skipped, summary.reasons, summary.elapsed_s,
+                           summary.interrupted), file=sys.stderr)
+    if summary.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(a, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pyvips").setLevel(logging.ERROR)
+    try:
+        if a.command == "run":
+            try:
+                cfg = config_from_args(a)
+            except ValueError as e:
+                parser.error(str(e))
+            return run_engine(cfg)
+        if a.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(a)
+        if a.command == "results":
+            from .results import write_results
+
+            return write_results(a.out, a.db, a.dest)
+        if a.command == "metadata":
+            from . import metadata
+
+            return metadata.run(a)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+    parser.error(f"unknown command {a.command}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,576 @@
+"""Step 2 of the data flow: fetcher processes.
+
+Each fetcher drives one libcurl multi handle with hundreds to thousands of transfers in
+flight, on ``socket_action`` + epoll (the ``select()`` behind ``CurlMulti.select`` cannot watch
+more than 1,024 descriptors). Bodies are written straight from libcurl's write callback into
+this fetcher's own slots of the shared slab (:mod:`engine.ring`), with the MD5 computed on
+the way, so a body is never copied through a pipe and never hashed twice.
+
+What the fetcher decides on its own, so the supervisor only sees final outcomes:
+- politeness: per-host connection caps and per-host back-off after 429/503, so one slow or
+  angry host never holds up the others;
+- retries of transient failures with exponential back-off and jitter, honouring
+  ``Retry-After``; a partial body is resumed with a Range request when the server allows it;
+- verification of ``OriginalSize`` / ``OriginalMD5`` and detection of Flickr's
+  ``photo_unavailable`` placeholder.
+A row waiting for a retry or for its host is parked: the multi handle keeps going.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+import selectors
+import time
+from collections import deque
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from multiprocessing.connection import Connection
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+import pycurl
+
+from .config import FetchConfig
+from .errors import RETRYABLE, Reason, reason_for_curl, reason_for_status
+from .proc import child_init
+from .ring import Slab, SlotRange, slots_needed
+from .stats import HIST_DOWNLOAD_BASE, F, Role, Stats, StatsLayout
+
+_CURLE_RANGE_ERROR = 33
+_PLACEHOLDER_MARK = "photo_unavailable"
+#: longest a fetcher sleeps in epoll before looking at its pipe and timers again
+_MAX_WAIT_S = 0.2
+
+
+class FetchJob(NamedTuple):
+    """What a fetcher needs to know about a row (kept small: it is pickled per row)."""
+
+    seq: int
+    url: str
+    expected_size: int | None
+    md5_hex: str | None
+
+
+class FetchInfo(NamedTuple):
+    url: str  # effective URL after redirects
+    attempts: int
+    content_type: str
+    download_s: float
+    md5_hex: str
+
+
+@dataclass
+class _Host:
+    active: int = 0
+    backoff_until: float = 0.0
+    queued: int = 0
+
+
+class _Attempt:
+    """A row in this fetcher: survives retries, carries the partial body for Range resume."""
+
+    __slots__ = (
+        "job",
+        "host",
+        "attempts",
+        "slots",
+        "nbytes",
+        "md5",
+        "first_start",
+        "t_start",
+        "status",
+        "ctype",
+        "retry_after",
+        "accept_ranges",
+        "too_large",
+        "discard",
+        "curl",
+        "resume_from",
+    )
+
+    def __init__(self, job: FetchJob, host: str) -> None:
+        self.job = job
+        self.host = host
+        self.attempts = 0
+        self.slots: list[int] = []
+        self.nbytes = 0
+        self.md5 = hashlib.md5()
+        self.first_start = 0.0
+        self.t_start = 0.0
+        self.status = 0
+        self.ctype = ""
+        self.retry_after: float | None = None
+        self.accept_ranges = False
+        self.too_large = False
+        self.discard = False
+        self.curl: pycurl.Curl | None = None
+        self.resume_from = 0
+
+    def reset_body(self) -> list[int]:
+        freed = self.slots
+        self.slots = []
+        self.nbytes = 0
+        self.md5 = hashlib.md5()
+        self.resume_from = 0
+        return freed
+
+
+def parse_retry_after(value: str, now_wall: float) -> float | None:
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now_wall)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+class Fetcher:
+    def __init__(
+        self,
+        index: int,
+        conn: Connection,
+        cfg: FetchConfig,
+        slab: Slab,
+        slots: SlotRange,
+        free: list[int],
+        stats: Stats,
+    ) -> None:
+        self.index = index
+        self.conn = conn
+        self.cfg = cfg
+        self.slab = slab
+        self.slot_range = slots
+        self.free = free  # a stack: LIFO keeps few pages hot
+        self.stats = stats
+        n = max(1, cfg.fetchers)
+        self.host_cap = max(1, -(-cfg.max_host_connections // n))
+        self.transfers = max(1, cfg.transfers)
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._socket_cb)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._timer_cb)
+        self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, max(1, -(-cfg.max_connections // n)))
+        self.multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self.host_cap)
+        self.multi.setopt(pycurl.M_MAXCONNECTS, max(16, -(-cfg.max_connections // n)))
+        self.sel = selectors.EpollSelector()
+        self.sel.register(conn.fileno(), selectors.EVENT_READ, data=None)
+        self.timer_due: float | None = None
+        self.hosts: dict[str, _Host] = {}
+        self.queues: dict[str, deque[_Attempt]] = {}
+        self.host_order: deque[str] = deque()
+        self.parked: list[tuple[float, int, _Attempt]] = []
+        self.active: dict[pycurl.Curl, _Attempt] = {}
+        self.paused: list[_Attempt] = []
+        self.handles: list[pycurl.Curl] = []
+        self.outstanding_want = 0
+        self.stopping = False
+        self.jobs_held = 0
+        self.dl_bytes = 0
+
+    # -- libcurl callbacks --------------------------------------------------------------
+    def _socket_cb(self, what: int, fd: int, multi: object, socketp: object) -> None:
+        if what == pycurl.POLL_REMOVE:
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            return
+        ev = 0
+        if what in (pycurl.POLL_IN, pycurl.POLL_INOUT):
+            ev |= selectors.EVENT_READ
+        if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT):
+            ev |= selectors.EVENT_WRITE
+        try:
+            self.sel.modify(fd, ev, data=True)
+        except KeyError:
+            self.sel.register(fd, ev, data=True)
+
+    def _timer_cb(self, timeout_ms: int) -> None:
+        self.timer_due = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000.0
+
+    def _make_writer(self, a: _Attempt):
+        slab = self.slab
+        slot_bytes = slab.slot_bytes
+        cap = self.cfg.max_body_bytes
+        free = self.free
+        paused = self.paused
+
+        def write(data: bytes) -> int | None:
+            n = len(data)
+            if a.discard:  # an error page or a redirect body: not ours to keep
+                return None
+            if a.nbytes + n > cap:
+                a.too_large = True
+                return 0
+            need = -(-(a.nbytes + n) // slot_bytes) - len(a.slots)
+            if need > 0:
+                if len(free) < need:
+                    # Backpressure: the ring is full downstream. Pause this transfer (libcurl
+                    # keeps the chunk and redelivers it) instead of buffering in memory.
+                    paused.append(a)
+                    return pycurl.WRITEFUNC_PAUSE
+                for _ in range(need):
+                    a.slots.append(free.pop())
+            slab.write(a.slots, data, a.nbytes)
+            a.md5.update(data)
+            a.nbytes += n
+            self.dl_bytes += n
+            return None
+
+        return write
+
+    def _make_header(self, a: _Attempt):
+        def header(line: bytes) -> None:
+            if line.startswith(b"HTTP/"):
+                # a new response (first, after a redirect, or after 100-continue): reset
+                parts = line.split(None, 2)
+                try:
+                    a.status = int(parts[1])
+                except (IndexError, ValueError):
+                    a.status = 0
+                a.ctype = ""
+                a.retry_after = None
+                a.discard = not (200 <= a.status < 300)
+                return
+            name, _, value = line.partition(b":")
+            key = name.strip().lower()
+            if key == b"content-type":
+                a.ctype = value.strip().decode("latin-1")
+            elif key == b"retry-after":
+                a.retry_after = parse_retry_after(value.decode("latin-1"), time.time())
+            elif key == b"accept-ranges":
+                a.accept_ranges = value.strip().lower() == b"bytes"
+
+        return header
+
+    # -- transfer lifecycle ---------------------------------------------------------------
+    def _new_handle(self) -> pycurl.Curl:
+        if self.handles:
+            return self.handles.pop()
+        c = pycurl.Curl()
+        cfg = self.cfg
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.FOLLOWLOCATION, 1)
+        c.setopt(pycurl.MAXREDIRS, cfg.max_redirects)
+        # Only http and https, also after a redirect: never file://, ftp://, gopher://...
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, int(cfg.connect_timeout_s * 1000))
+        c.setopt(pycurl.TIMEOUT_MS, int(cfg.timeout_s * 1000))
+        c.setopt(pycurl.LOW_SPEED_LIMIT, cfg.low_speed_bps)
+        c.setopt(pycurl.LOW_SPEED_TIME, max(1, int(cfg.low_speed_time_s)))
+        c.setopt(pycurl.MAXFILESIZE_LARGE, cfg.max_body_bytes)
+        c.setopt(pycurl.USERAGENT, cfg.user_agent)
+        c.setopt(pycurl.ACCEPT_ENCODING, "")  # gzip/deflate/br decoded by libcurl
+        c.setopt(pycurl.PIPEWAIT, 1)  # prefer multiplexing on an HTTP/2 connection
+        c.setopt(pycurl.DNS_CACHE_TIMEOUT, 600)
+        c.setopt(pycurl.TCP_KEEPALIVE, 1)
+        if cfg.resolve:
+            c.setopt(pycurl.RESOLVE, list(cfg.resolve))
+        if cfg.insecure:
+            c.setopt(pycurl.SSL_VERIFYPEER, 0)
+            c.setopt(pycurl.SSL_VERIFYHOST, 0)
+        return c
+
+    def _start(self, a: _Attempt) -> None:
+        c = self._new_handle()
+        a.curl = c
+        a.attempts += 1
+        now = time.monotonic()
+        if not a.first_start:
+            a.first_start = now
+        a.t_start = now
+        a.status = 0
+        a.too_large = False
+        a.discard = False
+        c.setopt(pycurl.URL, a.job.url)
+        c.setopt(pycurl.WRITEFUNCTION, self._make_writer(a))
+        c.setopt(pycurl.HEADERFUNCTION, self._make_header(a))
+        c.setopt(pycurl.RESUME_FROM_LARGE, a.nbytes)
+        a.resume_from = a.nbytes
+        self.hosts[a.host].active += 1
+        self.active[c] = a
+        self.multi.add_handle(c)
+
+    def _release(self, c: pycurl.Curl) -> _Attempt:
+        a = self.active.pop(c)
+        self.multi.remove_handle(c)
+        a.curl = None
+        self.hosts[a.host].active -= 1
+        if a in self.paused:
+            self.paused.remove(a)
+        self.handles.append(c)
+        return a
+
+    def _finish(self, c: pycurl.Curl, errno: int, errmsg: str) -> None:
+        a = self.active[c]
+        code = c.getinfo(pycurl.RESPONSE_CODE)
+        eff = c.getinfo(pycurl.EFFECTIVE_URL) or a.job.url
+        self._release(c)
+        elapsed = time.monotonic() - a.t_start
+        self.stats.add(F.TRANSFERS_DONE)
+        self.stats.observe(HIST_DOWNLOAD_BASE, elapsed)
+        reason: Reason | None
+        detail = ""
+        if errno:
+            if a.too_large:
+                reason, detail = Reason.TOO_LARGE, f"body over {self.cfg.max_body_bytes} bytes"
+            elif errno == _CURLE_RANGE_ERROR:
+                # The server ignored our Range request: start again from byte 0, now.
+                self._free(a.reset_body())
+                a.attempts -= 1
+                self._enqueue(a)
+                return
+            else:
+                reason, detail = reason_for_curl(errno, errmsg), errmsg
+                if reason is Reason.BAD_REDIRECT:
+                    detail = f"redirect to a scheme other than http/https: {errmsg}"
+        elif not (200 <= code < 300):
+            reason = reason_for_status(code)
+            detail = f"HTTP {code} from {eff}"
+        elif _PLACEHOLDER_MARK in eff:
+            reason, detail = Reason.UNAVAILABLE, f"redirected to placeholder {eff}"
+        elif a.resume_from and code != 206:
+            # A 200 to a Range request would restart the body; libcurl flags it as error 33,
+            # but a server may also say 200 with the remainder: never trust that.
+            self._free(a.reset_body())
+            self._enqueue(a)
+            return
+        else:
+            reason = self._verify(a)
+            detail = "" if reason is None else self._verify_detail(a, reason)
+        if reason is None:
+            self._send_body(a, eff)
+            return
+        if reason in RETRYABLE and self._retry(a, reason):
+            return
+        self._free(a.reset_body())
+        self.jobs_held -= 1
+        self.conn.send(("fail", a.job.seq, reason.value, detail, self._info(a, eff)))
+
+    def _verify(self, a: _Attempt) -> Reason | None:
+        if a.nbytes == 0:
+            return Reason.EMPTY
+        if not self.cfg.verify:
+            return None
+        job = a.job
+        if job.expected_size is not None and a.nbytes != job.expected_size:
+            return Reason.SIZE_MISMATCH
+        if job.md5_hex is not None and a.md5.hexdigest() != job.md5_hex:
+            return Reason.MD5_MISMATCH
+        return None
+
+    @staticmethod
+    def _verify_detail(a: _Attempt, reason: Reason) -> str:
+        if reason is Reason.SIZE_MISMATCH:
+            return f"got {a.nbytes} bytes, list says {a.job.expected_size}"
+        if reason is Reason.MD5_MISMATCH:
+            return f"md5 {a.md5.hexdigest()}, list says {a.job.md5_hex}"
+        return "empty body"
+
+    def _retry(self, a: _Attempt, reason: Reason) -> bool:
+        cfg = self.cfg
+        if a.attempts > cfg.max_retries:
+            return False
+        now = time.monotonic()
+        host = self.hosts[a.host]
+        delay = min(cfg.retry_max_s, cfg.retry_base_s * (2 ** (a.attempts - 1)))
+        delay *= random.uniform(0.5, 1.0)  # jitter: retries of one burst do not come back together
+        if reason in (Reason.HTTP_429, Reason.HTTP_5XX):
+            # The host is overloaded or rate limiting: slow that host, not the others.
+            pause = a.retry_after if a.retry_after is not None else cfg.host_backoff_s
+            pause = min(pause, cfg.retry_max_s)
+            host.backoff_until = max(host.backoff_until, now + pause)
+            delay = max(delay, pause)
+        if a.retry_after is not None:
+            delay = max(delay, min(a.retry_after, cfg.retry_max_s))
+        if not (a.nbytes and a.accept_ranges and reason in (Reason.TRUNCATED, Reason.RESET, Reason.STALLED, Reason.TIMEOUT)):
+            # keep the partial body only when the server said it can resume it
+            self._free(a.reset_body())
+        self.stats.add(F.RETRIES)
+        heapq.heappush(self.parked, (now + delay, a.job.seq, a))
+        return True
+
+    def _send_body(self, a: _Attempt, eff: str) -> None:
+        self.jobs_held -= 1
+        slots = tuple(a.slots)
+        a.slots = []
+        self.conn.send(("body", a.job.seq, slots, a.nbytes, self._info(a, eff)))
+
+    def _info(self, a: _Attempt, eff: str) -> FetchInfo:
+        return FetchInfo(eff, a.attempts, a.ctype, time.monotonic() - a.first_start, a.md5.hexdigest())
+
+    def _free(self, slots: list[int]) -> None:
+        self.free.extend(slots)
+
+    # -- scheduling ---------------------------------------------------------------------
+    def _enqueue(self, a: _Attempt) -> None:
+        q = self.queues.get(a.host)
+        if q is None:
+            q = self.queues[a.host] = deque()
+        if not q:
+            self.host_order.append(a.host)
+        q.append(a)
+
+    def _add_jobs(self, jobs: list[FetchJob]) -> None:
+        self.outstanding_want = max(0, self.outstanding_want - len(jobs))
+        for job in jobs:
+            host = urlsplit(job.url).netloc.lower()
+            if host not in self.hosts:
+                self.hosts[host] = _Host()
+            self.jobs_held += 1
+            self._enqueue(_Attempt(job, host))
+
+    def _start_more(self) -> None:
+        budget = self.transfers - len(self.active)
+        now = time.monotonic()
+        order = self.host_order
+        skipped = 0
+        while budget > 0 and order and skipped < len(order) and self.free:
+            host = order[0]
+            q = self.queues[host]
+            h = self.hosts[host]
+            if h.active >= self.host_cap or h.backoff_until > now:
+                order.rotate(-1)
+                skipped += 1
+                continue
+            a = q.popleft()
+            if not q:
+                order.popleft()
+            else:
+                order.rotate(-1)
+            skipped = 0
+            self._start(a)
+            budget -= 1
+
+    def _unpark(self) -> None:
+        now = time.monotonic()
+        while self.parked and self.parked[0][0] <= now:
+            _, _, a = heapq.heappop(self.parked)
+            self._enqueue(a)
+
+    def _resume_paused(self) -> None:
+        if not self.paused:
+            return
+        if self.free:
+            waiting, self.paused = self.paused, []
+            for a in waiting:
+                if a.curl is not None:
+                    a.curl.pause(pycurl.PAUSE_CONT)
+            return
+        # No free slot. If none of ours is downstream either, nothing will ever come back:
+        # every slot sits in a paused transfer. Abort the youngest one to let others finish.
+        held = sum(len(a.slots) for a in self.active.values())
+        held += sum(len(a.slots) for _, _, a in self.parked)
+        if held >= len(self.slot_range):
+            victim = min(self.paused, key=lambda x: x.nbytes)
+            assert victim.curl is not None
+            self._release(victim.curl)
+            self._free(victim.reset_body())
+            victim.attempts -= 1
+            self._enqueue(victim)
+
+    def _want_more(self) -> None:
+        queued = sum(len(q) for q in self.queues.values())
+        target = 2 * self.transfers
+        held = queued + len(self.active) + len(self.parked) + self.outstanding_want
+        if held < target and not self.stopping:
+            n = target - held
+            if n >= max(1, self.transfers // 4) or held == 0:
+                self.outstanding_want += n
+                self.conn.send(("want", n))
+
+    # -- main loop ----------------------------------------------------------------------
+    def _drain_conn(self) -> None:
+        while self.conn.poll():
+            msg = self.conn.recv()
+            kind = msg[0]
+            if kind == "jobs":
+                self._add_jobs(msg[1])
+            elif kind == "slots":
+                self.free.extend(msg[1])
+            elif kind == "stop":
+                self.stopping = True
+                return
+
+    def _action(self, fd: int, flags: int) -> None:
+        while True:
+            ret, _ = self.multi.socket_action(fd, flags)
+            if ret != pycurl.E_CALL_MULTI_PERFORM:
+                break
+
+    def _read_done(self) -> None:
+        while True:
+            nq, ok, err = self.multi.info_read()
+            for c in ok:
+                self._finish(c, 0, "")
+            for c, errno, msg in err:
+                self._finish(c, errno, msg)
+            if nq == 0:
+                break
+
+    def run(self) -> None:
+        stats = self.stats
+        stats.set(F.OWNED_SLOTS, len(self.slot_range))
+        self._want_more()
+        while not self.stopping:
+            now = time.monotonic()
+            wait = _MAX_WAIT_S
+            if self.timer_due is not None:
+                wait = min(wait, max(0.0, self.timer_due - now))
+            if self.parked:
+                wait = min(wait, max(0.0, self.parked[0][0] - now))
+            for key, mask in self.sel.select(wait):
+                if key.data is None:
+                    try:
+                        self._drain_conn()
+                    except (EOFError, OSError):
+                        return  # the supervisor is gone
+                else:
+                    flags = 0
+                    if mask & selectors.EVENT_READ:
+                        flags |= pycurl.CSELECT_IN
+                    if mask & selectors.EVENT_WRITE:
+                        flags |= pycurl.CSELECT_OUT
+                    self._action(key.fd, flags)
+            if self.timer_due is not None and self.timer_due <= time.monotonic():
+                self.timer_due = None
+                self._action(pycurl.SOCKET_TIMEOUT, 0)
+            self._read_done()
+            self._unpark()
+            self._resume_paused()
+            self._start_more()
+            self._want_more()
+            stats.add(F.DOWNLOADED_BYTES, self.dl_bytes)
+            self.dl_bytes = 0
+            stats.set(F.DOWNLOADS_IN_PROGRESS, len(self.active))
+            stats.set(F.PARKED, len(self.parked) + sum(len(q) for q in self.queues.values()))
+            stats.set(F.FREE_SLOTS, len(self.free))
+            stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
+        for c in list(self.active):
+            self._release(c)
+        self.multi.close()
+
+
+def fetcher_main(
+    index: int,
+    conn: Connection,
+    cfg: FetchConfig,
+    slab_name: str,
+    slot_bytes: int,
+    slots: SlotRange,
+    free: list[int],
+    layout: StatsLayout,
+) -> None:
+    child_init(f"fetcher-{index}")
+    slab = Slab.attach(slab_name, slot_bytes)
+    stats = Stats.attach(layout, Role.FETCHER, index)
+    try:
+        Fetcher(index, conn, cfg, slab, slots, free, stats).run()
+    finally:
+        stats.close()
+        slab.close()

@@ -1,0 +1,185 @@
+"""Shared-memory slab of fixed-size slots: how image bytes move between processes.
+
+One ``SharedMemory`` segment of ``slots × slot_bytes`` is created (and unlinked) by the
+supervisor only. Every slot index belongs, statically, to exactly one producer process:
+fetcher *i* owns a range of slots for downloaded bodies, worker *j* a range for encoded
+outputs. A producer fills slots from its own free list (no cross-process lock on the hot
+path) and sends the slot indices in a small message; the supervisor gives them back to their
+owner once the writer has put the bytes on disk. Because ownership is static and the
+supervisor tracks every slot that is downstream, a producer that dies is replaced by one that
+starts with exactly the slots that are not in use elsewhere: nothing leaks, nothing is
+overwritten while still in use.
+
+A body larger than one slot simply spans several slots (a tuple of indices), so slot size
+only sets the granularity, not a maximum. Pages of a slot are touched only when written,
+and free lists are stacks (LIFO) so the same few slots stay hot.
+
+Why not a byte ring with head/tail pointers: Python has no atomics or memory barriers for
+shared indices; static ownership plus messages needs none (see TECH-NOTES §6).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+from typing import Iterable, Sequence
+
+SEGMENT_PREFIX = "oidl-"
+_SEGMENT_RE = re.compile(r"^oidl-(\d+)-[0-9a-f]+$")
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    slot_bytes: int = 64 * 1024
+    #: slots owned by each fetcher for downloaded bodies
+    fetch_slots: int = 4096  # 256 MiB of address space per fetcher; touched only as used
+    #: slots owned by each worker for encoded outputs
+    worker_slots: int = 1024  # 64 MiB per worker
+
+
+@dataclass(frozen=True)
+class SlotRange:
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __contains__(self, slot: object) -> bool:
+        return isinstance(slot, int) and self.start <= slot < self.stop
+
+    def indices(self) -> range:
+        return range(self.start, self.stop)
+
+
+class Slab:
+    """A shared segment viewed as slots. Create in the supervisor, attach in children."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, slot_bytes: int, owner: bool) -> None:
+        self._shm = shm
+        self.slot_bytes = slot_bytes
+        self.owner = owner
+        self.name = shm.name
+        self.buf = shm.buf
+        self.slots = shm.size // slot_bytes
+
+    @classmethod
+    def create(cls, slots: int, slot_bytes: int) -> "Slab":
+        name = f"{SEGMENT_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+        shm = shared_memory.SharedMemory(name=name, create=True, size=slots * slot_bytes)
+        return cls(shm, slot_bytes, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, slot_bytes: int) -> "Slab":
+        shm = shared_memory.SharedMemory(name=name)
+        # Children are started by our multiprocessing context and share the supervisor's
+        # resource tracker, so attaching registers nothing new; but a process started any
+        # other way would get its own tracker, which unlinks the segment when it exits.
+        # Only the supervisor may unlink: make sure no other tracker claims it.
+        if sys.version_info < (3, 13):
+            try:
+                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+            except Exception:
+                pass
+        return cls(shm, slot_bytes, owner=False)
+
+    def view(self, slot: int) -> memoryview:
+        off = slot * self.slot_bytes
+        return self.buf[off : off + self.slot_bytes]
+
+    def write(self, slots: Sequence[int], data: bytes | memoryview, offset: int = 0) -> None:
+        """Write ``data`` at byte ``offset`` of the body spread over ``slots``."""
+        sb = self.slot_bytes
+        pos = 0
+        n = len(data)
+        while pos < n:
+            i, o = divmod(offset + pos, sb)
+            take = min(sb - o, n - pos)
+            base = slots[i] * sb + o
+            self.buf[base : base + take] = data[pos : pos + take]
+            pos += take
+
+    def read(self, slots: Sequence[int], nbytes: int) -> bytes:
+        """Copy a body out (one copy: pyvips wants ``bytes``, and it frees the slots early)."""
+        sb = self.slot_bytes
+        if len(slots) == 1 or nbytes <= sb:
+            off = slots[0] * sb
+            return bytes(self.buf[off : off + nbytes])
+        parts = []
+        left = nbytes
+        for s in slots:
+            take = min(sb, left)
+            off = s * sb
+            parts.append(self.buf[off : off + take])
+            left -= take
+            if left <= 0:
+                break
+        return b"".join(parts)
+
+    def chunks(self, slots: Sequence[int], nbytes: int) -> Iterable[memoryview]:
+        """Zero-copy views of a body, in order (the writer writes them straight to a file)."""
+        sb = self.slot_bytes
+        left = nbytes
+        for s in slots:
+            if left <= 0:
+                return
+            take = min(sb, left)
+            off = s * sb
+            yield self.buf[off : off + take]
+            left -= take
+
+    def close(self) -> None:
+        # Drop our exported view first, or SharedMemory.close() raises BufferError.
+        self.buf = None  # type: ignore[assignment]
+        try:
+            self._shm.close()
+        except BufferError:
+            pass
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def slots_needed(nbytes: int, slot_bytes: int) -> int:
+    return max(1, -(-nbytes // slot_bytes))
+
+
+def remove_stale_segments(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Unlink segments left by a supervisor that died without cleaning up (SIGKILL).
+
+    Segment names carry the creating pid; a segment whose creator is gone is ours to remove.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _SEGMENT_RE.match(name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            os.unlink(shm_dir / name)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

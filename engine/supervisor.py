@@ -1,0 +1,638 @@
+"""Step 1 and the glue of the data flow: the supervisor (the main process).
+
+It streams the lists, skips rows the state DB says are finished, hands rows to fetchers,
+routes bodies to workers and finished rows to the writer, and gives slots back to their
+owners once the writer has committed. Every message passes through here, which is what
+makes crashes recoverable: the supervisor always knows which row and which slots each child
+holds, so
+
+- a fetcher that dies: its rows are fetched again by its replacement;
+- a worker that dies: its bodies are still in the slab and go to another worker (an image
+  that kills two workers fails as ``worker_crash``);
+- the writer that dies: its unacknowledged rows are sent again to its replacement;
+- the supervisor that dies (even SIGKILL): the kernel kills the children (PDEATHSIG), the
+  resource tracker unlinks the segments, and the next run redoes the unfinished rows.
+
+Messages are small tuples of ints and strings; image bytes never go through a pipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Callable, Iterator
+
+from . import inputs, state
+from .config import RunConfig
+from .errors import Reason
+from .fetcher import FetchInfo, FetchJob, fetcher_main
+from .inputs import BadRow, Row
+from .layout import ORIGINAL
+from .ring import Slab, SlotRange, remove_stale_segments
+from .stats import F, Stats
+from .worker import Decoded, OutputRef, worker_main
+from .writer import WriteRecord, original_ext, writer_main
+
+log = logging.getLogger("oidl")
+
+#: bodies a worker may hold at once: one being decoded, one ready to start
+_WORKER_DEPTH = 2
+#: rows read from the lists per DB lookup of finished rows
+_FEED_BATCH = 512
+#: a child restarted more often than this is broken, not unlucky
+_MAX_RESTARTS = 20
+
+
+class RunError(Exception):
+    """A run that cannot go on (unwritable output, a child that keeps dying)."""
+
+
+@dataclass
+class _Row:
+    """A row in flight, from dispatch to the writer's acknowledgement."""
+
+    seq: int
+    row: Row | BadRow
+    list_id: int
+    url: str | None = None
+    fetcher: int = -1
+    worker: int = -1
+    body: tuple[tuple[int, ...], int] | None = None
+    info: FetchInfo | None = None
+    decoded: Decoded | None = None
+    record: WriteRecord | None = None
+    crashes: int = 0
+
+
+@dataclass
+class _Child:
+    proc: mp.process.BaseProcess
+    conn: Connection
+    restarts: int = 0
+    outstanding: int = 0  # worker: bodies sent, not done
+    holds: set[int] = field(default_factory=set)  # seqs held by this child
+
+
+@dataclass
+class RunSummary:
+    ok: int
+    failed: int
+    skipped: int
+    reasons: dict[str, int]
+    elapsed_s: float
+    interrupted: bool
+
+
+class Supervisor:
+    def __init__(self, cfg: RunConfig, on_tick: Callable[["Supervisor"], None] | None = None) -> None:
+        self.cfg = cfg
+        self.on_tick = on_tick
+        self.ctx = mp.get_context("spawn")  # never fork a process that runs libcurl/libvips threads
+        self.rows: dict[int, _Row] = {}
+        self.by_id: dict[str, int] = {}
+        self.seq = 0
+        self.bodies: deque[int] = deque()  # seqs with a body waiting for a worker
+        self.to_writer: list[WriteRecord] = []
+        self.fetchers: list[_Child] = []
+        self.workers: list[_Child] = []
+        self.writer: _Child | None = None
+        self.feed: Iterator[tuple[Row | BadRow, int]] | None = None
+        self.feed_done = False
+        self.refeed: deque[int] = deque()  # seqs to fetch again (their fetcher died)
+        self.stop_signals = 0
+        self.stop_signal = 0
+        self.fatal: str | None = None
+        self.skipped = 0
+        self.ok = 0
+        self.failed = 0
+        self.reasons: dict[str, int] = {}
+        self.recent_ok: deque[tuple[str, str]] = deque(maxlen=100)
+        self.recent_failed: deque[tuple[str, str, str]] = deque(maxlen=100)
+
+    # -- set-up -------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        cfg = self.cfg
+        out = cfg.output
+        out.out_dir.mkdir(parents=True, exist_ok=True)
+        out.db_path.parent.mkdir(parents=True, exist_ok=True)
+        # Leftovers of a run that died: temporary files and shared segments.
+        shutil.rmtree(out.tmp_dir, ignore_errors=True)
+        out.tmp_dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_segments()
+        if removed:
+            log.info("removed %d stale shared-memory segments", len(removed))
+        state.init(out.db_path)
+        self.db = state.connect(out.db_path)
+        self.list_ids = []
+        for path in cfg.lists:
+            info = inputs.list_info(path)
+            self.list_ids.append(state.register_list(self.db, os.path.abspath(path), info.kind.value, info.columns))
+
+    def _start_children(self) -> None:
+        cfg = self.cfg
+        rc = cfg.ring
+        nf = max(1, cfg.fetch.fetchers)
+        nw = max(1, cfg.workers)
+        total = nf * rc.fetch_slots + nw * rc.worker_slots
+        self.slab = Slab.create(total, rc.slot_bytes)
+        self.fetch_ranges = [SlotRange(i * rc.fetch_slots, (i + 1) * rc.fetch_slots) for i in range(nf)]
+        base = nf * rc.fetch_slots
+        self.worker_ranges = [SlotRange(base + j * rc.worker_slots, base + (j + 1) * rc.worker_slots) for j in range(nw)]
+        self.stats = Stats.create(nf, nw)
+        self.layout = self.stats.layout
+        self.writer = self._spawn_writer()
+        self.fetchers = [self._spawn_fetcher(i) for i in range(nf)]
+        self.workers = [self._spawn_worker(j) for j in range(nw)]
+
+    def _spawn(self, name: str, target: Callable, *args) -> _Child:  # noqa: ANN002
+        parent, child = self.ctx.Pipe(duplex=True)
+        p = self.ctx.Process(target=target, args=(*args[:1], child, *args[1:]), name=name, daemon=True)
+        p.start()
+        child.close()
+        return _Child(p, parent)
+
+    def _free_in_range(self, rng: SlotRange) -> list[int]:
+        """Slots of ``rng`` not held by any row downstream: what a (re)started child owns."""
+        used: set[int] = set()
+        for r in self.rows.values():
+            if r.body:
+                used.update(s for s in r.body[0] if s in rng)
+            if r.decoded:
+                for o in r.decoded.outputs:
+                    used.update(s for s in o.slots if s in rng)
+        return [s for s in reversed(rng.indices()) if s not in used]
+
+    def _spawn_fetcher(self, i: int) -> _Child:
+        rng = self.fetch_ranges[i]
+        return self._spawn(
+            f"oidl-fetcher-{i}", fetcher_main, i, self.cfg.fetch, self.slab.name, self.slab.slot_bytes, rng,
+            self._free_in_range(rng), self.layout,
+        )
+
+    def _spawn_worker(self, j: int) -> _Child:
+        rng = self.worker_ranges[j]
+        return self._spawn(
+            f"oidl-worker-{j}", worker_main, j, self.cfg.pipeline, self.slab.name, self.slab.slot_bytes, rng,
+            self._free_in_range(rng), self.layout,
+        )
+
+    def _spawn_writer(self) -> _Child:
+        parent, child = self.ctx.Pipe(duplex=True)
+        p = self.ctx.Process(
+            target=writer_main,
+            args=(child, self.cfg.output, self.slab.name, self.slab.slot_bytes, self.layout),
+            name="oidl-writer",
+            daemon=True,
+        )
+        p.start()
+        child.close()
+        return _Child(p, parent)
+
+    # -- feeding ------------------------------------------------------------------------
+    def _iter_feed(self) -> Iterator[tuple[Row | BadRow, int]]:
+        """Rows still to do, in list order, skipping rows the DB says are finished."""
+        cfg = self.cfg
+        it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit)
+        while True:
+            batch = []
+            for item in it:
+                batch.append(item)
+                if len(batch) >= _FEED_BATCH:
+                    break
+            if not batch:
+                return
+            keys = [self._key(x) for x in batch]
+            done = state.finished_ids(self.db, keys, include_failed=not cfg.retry_failed)
+            for item, key in zip(batch, keys):
+                if key in done:
+                    self.skipped += 1
+                    self.stats.add(F.SKIPPED)
+                    continue
+                yield item, self.list_ids[item.list_index]
+
+    @staticmethod
+    def _key(item: Row | BadRow) -> str:
+        if isinstance(item, BadRow):
+            # Not an ImageID and never a path: only a key for the failure record.
+            return f"bad-row:{item.list_index}:{item.line}"
+        return item.image_id
+
+    def _resolve(self, row: Row) -> tuple[str | None, int | None, str | None]:
+        """(url, expected size, expected md5 hex) for the configured source."""
+        src = self.cfg.source
+        if src.source == "mirror":
+            if not row.subset:
+                return None, None, None
+            return f"{src.mirror_base_url.rstrip('/')}/{row.subset}/{row.image_id}.jpg", None, None
+        if src.source == "thumbnail" and row.thumbnail_url:
+            return row.thumbnail_url, None, None  # regenerated on the fly: no checksum applies
+        md5 = inputs.md5_b64_to_hex(row.original_md5) if row.original_md5 else None
+        return row.original_url, row.original_size, md5
+
+    def _next_jobs(self, n: int, fetcher: int) -> list[FetchJob]:
+        jobs: list[FetchJob] = []
+        while len(jobs) < n and self.refeed:
+            r = self.rows[self.refeed.popleft()]
+            jobs.append(self._job(r))
+        while len(jobs) < n and not self.feed_done and not self.stop_signals:
+            assert self.feed is not None
+            try:
+                item, list_id = next(self.feed)
+            except StopIteration:
+                self.feed_done = True
+                break
+            key = self._key(item)
+            if key in self.by_id:  # the same ImageID twice in the run's lists
+                self.skipped += 1
+                self.stats.add(F.SKIPPED)
+                continue
+            self.seq += 1
+            r = _Row(self.seq, item, list_id)
+            self.rows[r.seq] = r
+            self.by_id[key] = r.seq
+            if isinstance(item, BadRow):
+                self._finish_failed(r, Reason.MALFORMED_ROW, f"{item.path}:{item.line}: {item.error}")
+                continue
+            url, size, md5 = self._resolve(item)
+            if not url:
+                self._finish_failed(r, Reason.BAD_URL, f"no URL for source {self.cfg.source.source!r}")
+                continue
+            if not url.lower().startswith(("http://", "https://")):
+                self._finish_failed(r, Reason.BAD_URL, f"only http and https are fetched: {url[:200]}")
+                continue
+            r.url = url
+            r.info = None
+            jobs.append(FetchJob(r.seq, url, size, md5))
+        for job in jobs:
+            self.rows[job.seq].fetcher = fetcher
+            self.fetchers[fetcher].holds.add(job.seq)
+        return jobs
+
+    def _job(self, r: _Row) -> FetchJob:
+        assert isinstance(r.row, Row) and r.url
+        _, size, md5 = self._resolve(r.row)
+        return FetchJob(r.seq, r.url, size, md5)
+
+    # -- finishing rows -----------------------------------------------------------------
+    def _record(self, r: _Row, status: str, reason: Reason | None, detail: str | None) -> state.ImageRow:
+        item = r.row
+        info = r.info
+        d = r.decoded
+        return state.ImageRow(
+            image_id=self._key(item),
+            status=status,
+            reason=reason.value if reason else None,
+            detail=detail,
+            url=info.url if info else r.url,
+            nbytes=r.body[1] if r.body else None,
+            md5=info.md5_hex if info else None,
+            width=d.width if d else None,
+            height=d.height if d else None,
+            format=d.format if d else None,
+            attempts=info.attempts if info else 0,
+            list_id=r.list_id,
+            line=item.line,
+            fields=item.fields,
+        )
+
+    def _finish_failed(self, r: _Row, reason: Reason, detail: str) -> None:
+        self._release_body(r)
+        rec = WriteRecord(r.seq, self._record(r, "failed", reason, detail), None, ())
+        r.record = rec
+        self.to_writer.append(rec)
+
+    def _finish_ok(self, r: _Row) -> None:
+        d = r.decoded
+        assert d is not None and r.body is not None and r.info is not None
+        original = None
+        if self.cfg.output.save_originals:
+            slots, n = r.body
+            original = OutputRef(ORIGINAL, original_ext(d.format, r.info.url), slots, n, d.width, d.height)
+        else:
+            self._release_body(r)
+        rec = WriteRecord(r.seq, self._record(r, "ok", None, None), original, d.outputs)
+        r.record = rec
+        self.to_writer.append(rec)
+
+    def _release_body(self, r: _Row) -> None:
+        """Give the body's slots back to the fetcher that owns them."""
+        if not r.body:
+            return
+        slots = r.body[0]
+        self._return_slots(slots, self.fetch_ranges, self.fetchers)
+        r.body = (), r.body[1]
+
+    def _return_slots(self, slots: tuple[int, ...], ranges: list[SlotRange], children: list[_Child]) -> None:
+        if not slots:
+            return
+        size = len(ranges[0])
+        base = ranges[0].start
+        by_owner: dict[int, list[int]] = {}
+        for s in slots:
+            by_owner.setdefault((s - base) // size, []).append(s)
+        for owner, ss in by_owner.items():
+            self._send(children[owner], ("slots", ss))
+
+    def _written(self, seqs: list[int]) -> None:
+        for seq in seqs:
+            r = self.rows.pop(seq, None)
+            if r is None:
+                continue
+            self.by_id.pop(self._key(r.row), None)
+            self._release_body(r)
+            if r.decoded and r.decoded.outputs:
+                slots = tuple(s for o in r.decoded.outputs for s in o.slots)
+                self._return_slots(slots, self.worker_ranges, self.workers)
+            rec = r.record
+            assert rec is not None
+            key = rec.row.image_id
+            if rec.row.status == "ok":
+                self.ok += 1
+                self.recent_ok.append((key, rec.row.url or ""))
+            else:
+                self.failed += 1
+                reason = rec.row.reason or ""
+                self.reasons[reason] = self.reasons.get(reason, 0) + 1
+                self.recent_failed.append((key, reason, rec.row.detail or ""))
+        if self.writer:
+            self.writer.holds.difference_update(seqs)
+
+    # -- message handling ---------------------------------------------------------------
+    def _send(self, child: _Child, msg: tuple) -> None:
+        try:
+            child.conn.send(msg)
+        except (OSError, ValueError):
+            pass  # the child is dead; its sentinel tells us and its replacement gets the state
+
+    def _on_fetcher(self, i: int, msg: tuple) -> None:
+        kind = msg[0]
+        child = self.fetchers[i]
+        if kind == "want":
+            jobs = self._next_jobs(msg[1], i)
+            if jobs:
+                self._send(child, ("jobs", jobs))
+            return
+        seq = msg[1]
+        child.holds.discard(seq)
+        r = self.rows.get(seq)
+        if r is None:
+            return
+        r.fetcher = -1
+        if kind == "body":
+            _, _, slots, nbytes, info = msg
+            r.body = (slots, nbytes)
+            r.info = info
+            self.bodies.append(seq)
+        elif kind == "fail":
+            _, _, reason, detail, info = msg
+            r.info = info
+            self._finish_failed(r, Reason(reason), detail)
+
+    def _on_worker(self, j: int, msg: tuple) -> None:
+        child = self.workers[j]
+        _, seq, out = msg
+        child.outstanding -= 1
+        child.holds.discard(seq)
+        r = self.rows.get(seq)
+        if r is None:
+            return
+        r.worker = -1
+        if out[0] == "ok":
+            r.decoded = out[1]
+            self._finish_ok(r)
+        else:
+            self._finish_failed(r, Reason(out[1]), out[2])
+
+    def _dispatch_bodies(self) -> None:
+        while self.bodies:
+            j = min(range(len(self.workers)), key=lambda k: self.workers[k].outstanding)
+            w = self.workers[j]
+            if w.outstanding >= _WORKER_DEPTH:
+                return
+            seq = self.bodies.popleft()
+            r = self.rows[seq]
+            assert r.body is not None and isinstance(r.row, Row)
+            rot = r.row.rotation
+            self._send(w, ("job", seq, r.body[0], r.body[1], rot))
+            w.outstanding += 1
+            w.holds.add(seq)
+            r.worker = j
+
+    def _flush_writer(self) -> None:
+        if self.to_writer and self.writer:
+            self.writer.holds.update(rec.seq for rec in self.to_writer)
+            self._send(self.writer, ("rec", self.to_writer))
+            self.to_writer = []
+
+    # -- crashes ------------------------------------------------------------------------
+    def _restart(self, child: _Child, what: str) -> None:
+        child.restarts += 1
+        if child.restarts > _MAX_RESTARTS:
+            raise RunError(f"{what} keeps dying (exit code {child.proc.exitcode}); giving up")
+        log.warning("%s died (exit code %s); restarting it", what, child.proc.exitcode)
+        child.conn.close()
+
+    def _on_death(self, kind: str, idx: int) -> None:
+        if kind == "fetcher":
+            old = self.fetchers[idx]
+            self._restart(old, f"fetcher {idx}")
+            for seq in sorted(old.holds):
+                r = self.rows.get(seq)
+                if r is not None:
+                    self.refeed.append(seq)
+            new = self._spawn_fetcher(idx)
+            new.restarts = old.restarts
+            self.fetchers[idx] = new
+        elif kind == "worker":
+            old = self.workers[idx]
+            self._restart(old, f"worker {idx}")
+            new_bodies = []
+            for seq in sorted(old.holds):
+                r = self.rows.get(seq)
+                if r is None:
+                    continue
+                r.crashes += 1
+                if r.crashes >= 2:
+                    self._finish_failed(r, Reason.WORKER_CRASH, "the image killed a worker process twice")
+                else:
+                    new_bodies.append(seq)
+            self.bodies.extendleft(reversed(new_bodies))
+            new = self._spawn_worker(idx)
+            new.restarts = old.restarts
+            self.workers[idx] = new
+        else:
+            assert self.writer is not None
+            old = self.writer
+            self._restart(old, "writer")
+            self.writer = self._spawn_writer()
+            self.writer.restarts = old.restarts
+            resend = [self.rows[s].record for s in sorted(old.holds) if s in self.rows]
+            self.to_writer = [rec for rec in resend if rec is not None] + self.to_writer
+
+    # -- main loop ----------------------------------------------------------------------
+    def _handle_signal(self, signum: int, frame: object) -> None:
+        self.stop_signals += 1
+        self.stop_signal = signum
+        if self.stop_signals == 1:
+            print(
+                f"\n{signal.Signals(signum).name}: finishing the images in hand (again to stop at once)...",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _outstanding(self) -> bool:
+        return bool(self.rows) or bool(self.to_writer)
+
+    def run(self) -> RunSummary:
+        t0 = time.monotonic()
+        self._prepare()
+        old_int = signal.signal(signal.SIGINT, self._handle_signal)
+        old_term = signal.signal(signal.SIGTERM, self._handle_signal)
+        try:
+            self._start_children()
+            self.feed = self._iter_feed()
+            threading.Thread(target=self._count_expected, daemon=True).start()
+            self._loop()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+            self._shutdown()
+        return RunSummary(self.ok, self.failed, self.skipped, dict(self.reasons), time.monotonic() - t0,
+                          interrupted=self.stop_signals > 0)
+
+    def _count_expected(self) -> None:
+        try:
+            n = inputs.count_rows(list(self.cfg.lists), subset=self.cfg.subset)
+        except Exception:  # the count only feeds the ETA; the run reports list errors itself
+            return
+        if self.cfg.limit is not None:
+            n = min(n, self.cfg.limit)
+        stats = getattr(self, "stats", None)
+        if stats is not None and stats.m is not None:
+            stats.set(F.EXPECTED, n)
+
+    def _loop(self) -> None:
+        stopping_since: float | None = None
+        last_tick = 0.0
+        while True:
+            if self.stop_signals and stopping_since is None:
+                stopping_since = time.monotonic()
+                for f in self.fetchers:
+                    self._send(f, ("stop",))
+                # rows still waiting to be fetched are abandoned: the next run does them
+                for f in self.fetchers:
+                    for seq in f.holds:
+                        r = self.rows.pop(seq, None)
+                        if r is not None:
+                            self.by_id.pop(self._key(r.row), None)
+                    f.holds.clear()
+                for seq in self.refeed:
+                    self.rows.pop(seq, None)
+                self.refeed.clear()
+            if self.stop_signals > 1 or self.fatal:
+                return
+            if stopping_since is not None and time.monotonic() - stopping_since > self.cfg.shutdown_grace_s:
+                log.warning("shutdown grace period over; %d rows left for the next run", len(self.rows))
+                return
+            if self.feed_done and not self._outstanding() and not self.refeed:
+                return
+            if stopping_since is not None and not self._outstanding():
+                return
+            self._dispatch_bodies()
+            self._flush_writer()
+            conns: dict[object, tuple[str, int]] = {}
+            for i, c in enumerate(self.fetchers):
+                if stopping_since is None:
+                    conns[c.conn] = ("fetcher", i)
+                    conns[c.proc.sentinel] = ("fetcher-dead", i)
+            for j, c in enumerate(self.workers):
+                conns[c.conn] = ("worker", j)
+                conns[c.proc.sentinel] = ("worker-dead", j)
+            assert self.writer is not None
+            conns[self.writer.conn] = ("writer", 0)
+            conns[self.writer.proc.sentinel] = ("writer-dead", 0)
+            ready = wait(list(conns), timeout=0.2)
+            dead: list[tuple[str, int]] = []
+            for obj in ready:
+                kind, idx = conns[obj]
+                if kind.endswith("-dead"):
+                    dead.append((kind[:-5], idx))
+                    continue
+                conn = obj
+                assert isinstance(conn, Connection)
+                try:
+                    while conn.poll():
+                        msg = conn.recv()
+                        if kind == "fetcher":
+                            self._on_fetcher(idx, msg)
+                        elif kind == "worker":
+                            self._on_worker(idx, msg)
+                        elif msg[0] == "written":
+                            self._written(msg[1])
+                        elif msg[0] == "fatal":
+                            self.fatal = msg[1]
+                except (EOFError, OSError):
+                    pass  # dies with it; the sentinel reports it
+            for kind, idx in dead:
+                if stopping_since is not None and kind == "fetcher":
+                    continue
+                self._on_death(kind, idx)
+            self._update_gauges()
+            now = time.monotonic()
+            if self.on_tick and now - last_tick >= 0.5:
+                last_tick = now
+                self.on_tick(self)
+
+    def _update_gauges(self) -> None:
+        s = self.stats
+        s.set(F.QUEUED_BODIES, len(self.bodies))
+        s.set(F.QUEUED_WRITES, len(self.writer.holds) if self.writer else 0)
+        s.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
+
+    def _shutdown(self) -> None:
+        graceful = self.stop_signals <= 1 and not self.fatal
+        others = [c for c in (*self.fetchers, *self.workers) if c is not None]
+        for c in others:
+            self._send(c, ("stop",))
+        if self.writer is not None:
+            if graceful:
+                self._flush_writer()
+            self._send(self.writer, ("stop",))
+            # The writer commits what it holds, acknowledges it, then exits: count those rows.
+            deadline = time.monotonic() + (10.0 if graceful else 1.0)
+            try:
+                while time.monotonic() < deadline and self.writer.conn.poll(max(0.0, deadline - time.monotonic())):
+                    msg = self.writer.conn.recv()
+                    if msg[0] == "written":
+                        self._written(msg[1])
+                    elif msg[0] == "fatal":
+                        self.fatal = msg[1]
+            except (EOFError, OSError):
+                pass
+        children = [*others, *([self.writer] if self.writer else [])]
+        deadline = time.monotonic() + (5.0 if graceful else 0.5)
+        for c in children:
+            c.proc.join(max(0.0, deadline - time.monotonic()))
+        for c in children:
+            if c.proc.is_alive():
+                c.proc.kill()
+                c.proc.join(2.0)
+            c.conn.close()
+        if hasattr(self, "stats"):
+            self.stats.close()
+        if hasattr(self, "slab"):
+            self.slab.close()
+        if hasattr(self, "db"):
+            self.db.close()
+        shutil.rmtree(self.cfg.output.tmp_dir, ignore_errors=True)
+        if self.fatal:
+            raise RunError(self.fatal)
