@@ -320,7 +320,10 @@ def _recognise(path: str, compressed: bool, number: int, first: str) -> _Format:
     if _hex16(_strip_jpg(first)):
         return _Format(ListInfo(path, ListKind.IDS, ("ImageID",)), compressed, _Layout.HEX_IDS, 0, None)
 
-    header = tuple(name.strip() for name in next(csv.reader([first])))
+    try:
+        header = tuple(name.strip() for name in next(csv.reader([first])))
+    except csv.Error:  # e.g. a lone CR (old Mac line ends) inside the line
+        raise ListError(f"{path}: unknown list format (first line is not CSV: {_short(first)!r})") from None
     names = [name.lower() for name in header]
     position: dict[str, int] = {}
     for i, name in enumerate(names):
@@ -442,7 +445,8 @@ def _csv_rows(index: int, fmt: _Format, subset: str | None) -> Iterator[Row | Ba
                 if want is not None and len(record) > subset_col and record[subset_col] != want:
                     continue
                 if len(record) != count:
-                    yield BadRow(index, start, path, f"expected {count} fields, got {len(record)}", tuple(record))
+                    message = f"expected {count} fields, got {len(record)}"
+                    yield BadRow(index, start, path, message, tuple(record), image_id=_known_id(record, cols))
                     continue
                 yield parse(start, record)
         except (OSError, EOFError, zlib.error) as e:
@@ -487,7 +491,7 @@ def _record_parser(index: int, path: str, cols: _Columns) -> Callable[[int, list
         rotation = _ROTATIONS.get(text, math.nan)
         if rotation is not None and math.isnan(rotation):
             rotation = _parse_rotation(text)
-            if rotation is None and text.lower() != "nan":
+            if rotation is None and text.strip().lower() != "nan":
                 return _bad_field(index, line, path, fields, image_id, "Rotation", text, "is not a number")
         return _row(
             index,
@@ -540,7 +544,8 @@ def _url_row(index: int, line: int, path: str, url: str) -> Row | BadRow:
     if not url[:8].lower().startswith(("http://", "https://")):
         return BadRow(index, line, path, f"not an http(s) URL: {_short(url)!r}", (url,), Reason.BAD_URL)
     if " " in url or not url.isprintable():
-        return BadRow(index, line, path, f"URL contains spaces or control characters: {_short(url)!r}", (url,), Reason.BAD_URL)
+        message = f"URL contains spaces or control characters: {_short(url)!r}"
+        return BadRow(index, line, path, message, (url,), Reason.BAD_URL)
     return _row(index, line, url_image_id(url), None, url, None, None, None, None, (url,))
 
 
@@ -609,11 +614,14 @@ def _csv_field(line: bytes, column: int) -> bytes | None:
     parts = line.split(b",", column + 1)
     if len(parts) <= column:
         return None
-    end = sum(len(p) for p in parts[: column + 1]) + column
+    end = len(line) - len(parts[-1]) if len(parts) > column + 1 else len(line)  # through the field
     if line.find(b'"', 0, end) == -1:
         return parts[column].rstrip(b"\r\n")
     # A quoted field before or at the column: let csv work it out (rare in real lists).
-    record = next(csv.reader([line.decode("utf-8", "replace")]), [])
+    try:
+        record = next(csv.reader([line.decode("utf-8", "replace")]), [])
+    except csv.Error:
+        return None  # iter_rows reports this record as a BadRow: count it
     return record[column].rstrip("\r\n").encode() if len(record) > column else None
 
 
@@ -665,9 +673,20 @@ def _open_text(fmt: _Format, newline: str | None) -> Iterator[io.TextIOWrapper]:
     with _open_binary(fmt) as data:
         # errors="replace": a stray invalid byte deep in a 3 GB list must not end the run;
         # it can only land in free text or make that row's fields invalid (then a BadRow).
-        with io.TextIOWrapper(data, encoding="utf-8-sig", errors="replace", newline=newline) as text:  # type: ignore[arg-type]
+        wrapper = io.TextIOWrapper(data, encoding="utf-8-sig", errors="replace", newline=newline)  # type: ignore[arg-type]
+        with wrapper as text:
             text._CHUNK_SIZE = _TEXT_CHUNK_CHARS  # type: ignore[attr-defined]
             yield text
+
+
+def _known_id(record: list[str], cols: _Columns) -> str | None:
+    """The valid ImageID of a record that is malformed otherwise, if it has one."""
+    if len(record) <= cols.image_id:
+        return None
+    image_id = record[cols.image_id]
+    if cols.strip_jpg:
+        image_id = _strip_jpg(image_id)
+    return image_id.lower() if _hex16(image_id) else None
 
 
 def _check_subset(subset: str | None) -> None:

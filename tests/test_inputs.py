@@ -203,7 +203,7 @@ def test_v4_quoting_bom_crlf_and_rotation(tmp_path: Path) -> None:
     rows = [
         _v4_row("000000000000000a", Title='Fiat 500 "topolino", 1936', Rotation="90.0"),
         _v4_row("000000000000000b", Title="two\nlines\r\nand, a comma", Author='"quoted"', Rotation=""),
-        _v4_row("000000000000000c", Rotation="nan", Thumbnail300KURL=""),
+        _v4_row("000000000000000c", Rotation="NaN", Thumbnail300KURL=""),
         _v4_row("000000000000000d", subset="test", Rotation="270", OriginalSize="", OriginalMD5=""),
         _v4_row("00000000000000EE", subset="validation", Rotation="180.0"),
     ]
@@ -227,6 +227,22 @@ def test_v4_quoting_bom_crlf_and_rotation(tmp_path: Path) -> None:
         "000000000000000b",
         "000000000000000c",
     ]
+
+
+def test_fully_quoted_list_counts_like_it_parses(tmp_path: Path) -> None:
+    subsets = ["train", "test", "validation"]
+    rows = [_v4_row(f"{i:016x}", subsets[i % 3], Title="x\ny" if i % 4 == 0 else "t") for i in range(40)]
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, quoting=csv.QUOTE_ALL)
+    writer.writerow(V4_COLUMNS)
+    writer.writerows(rows)
+    path = tmp_path / "quoted.csv.gz"
+    path.write_bytes(gzip.compress(buffer.getvalue().encode()))
+    for subset in (None, "train", "test", "validation"):
+        parsed = _good(_rows([path], subset=subset))
+        assert count_rows([str(path)], subset=subset) == len(parsed)
+        assert all(subset in (None, r.subset) for r in parsed)
+    assert len(_rows([path], subset="test")) == 13
 
 
 def test_columns_found_by_name_not_position(tmp_path: Path) -> None:
@@ -257,7 +273,7 @@ def test_gzip_detected_by_magic_not_name(tmp_path: Path) -> None:
 
 def test_legacy_v4_two_column_list(tmp_path: Path) -> None:
     url = "https://requestor-proxy.figure-eight.com/figure_eight_datasets/open-images/train/e39871fd9fd74f55.jpg"
-    path = _write_csv(tmp_path / "train-images-boxable.csv", ["image_name", "image_url"], [["e39871fd9fd74f55.jpg", url]])
+    path = _write_csv(tmp_path / "boxable.csv", ["image_name", "image_url"], [["e39871fd9fd74f55.jpg", url]])
     info = list_info(str(path))
     assert info.kind is ListKind.OPENIMAGES and info.columns == ("image_name", "image_url")
     (row,) = _good(_rows([path], subset="train"))  # no Subset column: kept by any subset filter
@@ -350,7 +366,11 @@ def test_url_list(tmp_path: Path) -> None:
     assert isinstance(first, Row) and isinstance(second, Row)
     # Pinned: the ID must not change between releases, or resumed runs would redo everything.
     assert first.image_id == url_image_id("https://example.com/a.jpg") == "c8cad51b5df249ba"
-    assert (first.original_url, first.fields, first.subset) == ("https://example.com/a.jpg", ("https://example.com/a.jpg",), None)
+    assert (first.original_url, first.fields, first.subset) == (
+        "https://example.com/a.jpg",
+        ("https://example.com/a.jpg",),
+        None,
+    )
     assert second.original_url == "http://127.0.0.1:8000/b.png?x=1"
     assert isinstance(ftp, BadRow) and ftp.reason is Reason.BAD_URL and "http" in ftp.error
     assert isinstance(spaced, BadRow) and spaced.reason is Reason.BAD_URL
@@ -364,7 +384,8 @@ def test_url_list(tmp_path: Path) -> None:
 
 
 def test_mixed_lists_subset_and_limit_across_lists(tmp_path: Path) -> None:
-    oi = _write_csv(tmp_path / "a.csv", V4_COLUMNS, [_v4_row(f"{i:016x}", "train" if i % 2 else "test") for i in range(10)])
+    oi_rows = [_v4_row(f"{i:016x}", "train" if i % 2 else "test") for i in range(10)]
+    oi = _write_csv(tmp_path / "a.csv", V4_COLUMNS, oi_rows)
     ids = tmp_path / "b.txt"
     ids.write_text("".join(f"{'train' if i % 2 else 'test'}/{i + 100:016x}\n" for i in range(10)))
     urls = tmp_path / "c.txt"
@@ -416,13 +437,13 @@ def test_malformed_rows_are_reported_not_raised(tmp_path: Path) -> None:
     ]
     bad = {i.line: i for i in items if isinstance(i, BadRow)}
     assert bad[5].error == "expected 12 fields, got 9" and bad[5].fields == tuple(_v4_row("0000000000000002")[:9])
-    assert bad[5].path == str(path) and bad[5].list_index == 0
+    assert bad[5].path == str(path) and bad[5].list_index == 0 and bad[5].image_id == "0000000000000002"
     assert bad[6].reason is Reason.BAD_ID and bad[6].image_id is None and "../etc/passwd" in bad[6].error
     assert "OriginalSize" in bad[7].error and bad[7].image_id == "0000000000000003"
     assert "OriginalMD5" in bad[8].error and "OriginalMD5" in bad[9].error
     assert "Rotation" in bad[10].error and "Rotation" in bad[14].error
     assert "OriginalSize" in bad[11].error
-    assert bad[12].error == "expected 12 fields, got 13"
+    assert bad[12].error == "expected 12 fields, got 13" and bad[12].image_id == "0000000000000008"
     assert all(b.reason is Reason.MALFORMED_ROW for line, b in bad.items() if line != 6)
     assert count_rows([str(path)]) == len(items)
 
@@ -462,8 +483,17 @@ def test_is_safe_image_id() -> None:
 def test_md5_b64_to_hex() -> None:
     # Example from the Open Images README, decoded independently.
     assert md5_b64_to_hex("0Sad+xMj2ttXM1U8meEJ0A==") == "d1269dfb1323dadb5733553c99e109d0"
-    for bad in ("", "0Sad+xMj2ttXM1U8meEJ0A=", "0Sad+xMj2ttXM1U8meEJ0A", "0Sad+xMj2ttXM1U8meEJ0B==", "0Sad-xMj2ttXM1U8meEJ0A==",
-                "d1269dfb1323dadb5733553c99e109d0", "AAAA", "0Sad+xMj2ttXM1U8meEJ0A==\n"):
+    invalid = (
+        "",
+        "0Sad+xMj2ttXM1U8meEJ0A=",
+        "0Sad+xMj2ttXM1U8meEJ0A",
+        "0Sad+xMj2ttXM1U8meEJ0B==",  # non-canonical: unused bits set
+        "0Sad-xMj2ttXM1U8meEJ0A==",  # url-safe alphabet
+        "d1269dfb1323dadb5733553c99e109d0",  # hex, not base64
+        "AAAA",
+        "0Sad+xMj2ttXM1U8meEJ0A==\n",
+    )
+    for bad in invalid:
         with pytest.raises(ValueError):
             md5_b64_to_hex(bad)
 
@@ -492,6 +522,8 @@ def test_list_errors(tmp_path: Path) -> None:
     unknown.write_text("name,age\nbob,3\n")
     broken_gz = tmp_path / "broken.csv.gz"
     broken_gz.write_bytes(b"\x1f\x8b" + b"\x00" * 40)
+    old_mac = tmp_path / "old-mac.csv"
+    old_mac.write_bytes(b"ImageID,OriginalURL\r0000000000000001,https://example.com/a.jpg\r")
     jpeg = tmp_path / "photo.csv"
     jpeg.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 100)
     cases = {
@@ -504,6 +536,7 @@ def test_list_errors(tmp_path: Path) -> None:
         unknown: "unknown list format",
         broken_gz: "gzip",
         jpeg: "JPEG",
+        old_mac: "not CSV",
     }
     for path, message in cases.items():
         with pytest.raises(ListError, match=message) as caught:
@@ -555,13 +588,11 @@ def test_million_row_list_streams_in_constant_memory(tmp_path: Path) -> None:
         )
     process = psutil.Process()
     started = time.monotonic()
-    baseline = peak = 0
+    baseline = peak = process.memory_info().rss
     seen = 0
     last: Row | BadRow | None = None
     for seen, last in enumerate(iter_rows([str(path)]), 1):
-        if seen == 20_000:
-            baseline = process.memory_info().rss
-        elif seen % 100_000 == 0:
+        if seen % 50_000 == 1:
             peak = max(peak, process.memory_info().rss)
     elapsed = time.monotonic() - started
     assert seen == rows_total
@@ -569,6 +600,6 @@ def test_million_row_list_streams_in_constant_memory(tmp_path: Path) -> None:
     growth_mib = (peak - baseline) / 2**20
     # Holding the rows would take hundreds of MiB; streaming stays flat.
     assert growth_mib < 16, f"RSS grew by {growth_mib:.1f} MiB while streaming"
-    print(f"streamed {rows_total} rows in {elapsed:.1f} s ({rows_total / elapsed:,.0f} rows/s), RSS growth {growth_mib:.1f} MiB")
+    rate = rows_total / elapsed
+    print(f"streamed {rows_total} rows in {elapsed:.1f} s ({rate:,.0f} rows/s), RSS growth {growth_mib:.1f} MiB")
     assert count_rows([str(path)]) == rows_total
-    assert count_rows([str(path)], subset="validation") == rows_total // 10
