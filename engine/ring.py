@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -75,16 +74,11 @@ class Slab:
 
     @classmethod
     def attach(cls, name: str, slot_bytes: int) -> "Slab":
+        # Children are spawned by the supervisor's multiprocessing context and share its
+        # resource tracker: attaching must not unregister anything, or the supervisor's own
+        # unlink trips the tracker. That shared tracker is also what unlinks the segment if
+        # the supervisor is SIGKILLed (its children die with it via PDEATHSIG).
         shm = shared_memory.SharedMemory(name=name)
-        # Children are started by our multiprocessing context and share the supervisor's
-        # resource tracker, so attaching registers nothing new; but a process started any
-        # other way would get its own tracker, which unlinks the segment when it exits.
-        # Only the supervisor may unlink: make sure no other tracker claims it.
-        if sys.version_info < (3, 13):
-            try:
-                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-            except Exception:
-                pass
         return cls(shm, slot_bytes, owner=False)
 
     def view(self, slot: int) -> memoryview:

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import enum
 import os
-import sys
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -120,12 +119,7 @@ class Stats:
 
     @classmethod
     def attach(cls, layout: StatsLayout, role: Role | None, index: int = 0) -> "Stats":
-        shm = shared_memory.SharedMemory(name=layout.name)
-        if sys.version_info < (3, 13):  # see ring.Slab.attach
-            try:
-                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-            except Exception:
-                pass
+        shm = shared_memory.SharedMemory(name=layout.name)  # see ring.Slab.attach
         row = layout.row(role, index) if role is not None else None
         s = cls(shm, layout, row=row, owner=False)
         if s._r is not None:

@@ -222,17 +222,18 @@ class Supervisor:
     @staticmethod
     def _key(item: Row | BadRow) -> str:
         if isinstance(item, BadRow):
-            # Not an ImageID and never a path: only a key for the failure record.
-            return f"bad-row:{item.list_index}:{item.line}"
+            # A row whose ImageID itself is unusable gets a key that is never a path.
+            return item.image_id or f"bad-row:{item.list_index}:{item.line}"
         return item.image_id
 
     def _resolve(self, row: Row) -> tuple[str | None, int | None, str | None]:
         """(url, expected size, expected md5 hex) for the configured source."""
         src = self.cfg.source
         if src.source == "mirror":
-            if not row.subset:
+            split = row.subset or self.cfg.subset  # bare ImageID lists name no split
+            if not split:
                 return None, None, None
-            return f"{src.mirror_base_url.rstrip('/')}/{row.subset}/{row.image_id}.jpg", None, None
+            return f"{src.mirror_base_url.rstrip('/')}/{split}/{row.image_id}.jpg", None, None
         if src.source == "thumbnail" and row.thumbnail_url:
             return row.thumbnail_url, None, None  # regenerated on the fly: no checksum applies
         md5 = inputs.md5_b64_to_hex(row.original_md5) if row.original_md5 else None
@@ -250,6 +251,10 @@ class Supervisor:
             except StopIteration:
                 self.feed_done = True
                 break
+            except inputs.ListError as e:  # a list that breaks part-way (e.g. a truncated .gz)
+                log.error("%s; the rows before it are processed, the rest of that list is not", e)
+                self.feed_done = True
+                break
             key = self._key(item)
             if key in self.by_id:  # the same ImageID twice in the run's lists
                 self.skipped += 1
@@ -260,7 +265,8 @@ class Supervisor:
             self.rows[r.seq] = r
             self.by_id[key] = r.seq
             if isinstance(item, BadRow):
-                self._finish_failed(r, Reason.MALFORMED_ROW, f"{item.path}:{item.line}: {item.error}")
+                log.warning("%s:%d: %s", item.path, item.line, item.error)
+                self._finish_failed(r, item.reason, f"{item.path}:{item.line}: {item.error}")
                 continue
             url, size, md5 = self._resolve(item)
             if not url:
