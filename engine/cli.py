@@ -87,6 +87,21 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     )
     g.add_argument("--mirror-base-url", default=SourceConfig.mirror_base_url, help="base URL of the mirror")
     g.add_argument("--retry-failed", action="store_true", help="redo rows that failed in an earlier run")
+    g.add_argument(
+        "--originals-dir",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="DIR",
+        help="originals already on disk (original/ layout, with or without 3-letter subdirectories), repeatable: "
+        "a row whose file is there and matches OriginalSize/OriginalMD5 (where the list has them) is processed "
+        "from disk without any network, e.g. to re-resize a dataset with new variants offline",
+    )
+    g.add_argument(
+        "--check-md5-if-exists",
+        action="store_true",
+        help="an original already in OUT/original that matches the list is not fetched again",
+    )
 
     g = p.add_argument_group("output")
     g.add_argument("--db", type=Path, help="state database (default: OUT/oidl.sqlite)")
@@ -265,7 +280,11 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             durable=a.durable,
         ),
         fetch=fetch,
-        source=SourceConfig(source=a.source, mirror_base_url=a.mirror_base_url),
+        source=SourceConfig(
+            source=a.source,
+            mirror_base_url=a.mirror_base_url,
+            originals_dirs=tuple(a.originals_dir) + ((out / "original",) if a.check_md5_if_exists else ()),
+        ),
         pipeline=PipelineConfig(
             variants=tuple(variants),
             max_pixels=a.max_pixels,

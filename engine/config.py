@@ -51,6 +51,9 @@ class FetchConfig:
 class SourceConfig:
     source: str = "original"  # original | thumbnail | mirror
     mirror_base_url: str = "https://open-images-dataset.s3.amazonaws.com"
+    #: directories of originals already on disk (original/ layout, with or without 3-letter
+    #: subdirectories); a row whose file is there and verifies is processed without network
+    originals_dirs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)

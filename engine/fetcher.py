@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import os
 import random
 import selectors
 import time
@@ -36,6 +37,7 @@ from .config import FetchConfig
 from .errors import RETRYABLE, Reason, reason_for_curl, reason_for_status
 from .proc import child_init
 from .ring import Slab, SlotRange, slots_needed
+from .board import Board
 from .stats import HIST_DOWNLOAD_BASE, F, Role, Stats, StatsLayout
 
 _CURLE_RANGE_ERROR = 33
@@ -51,6 +53,9 @@ class FetchJob(NamedTuple):
     url: str
     expected_size: int | None
     md5_hex: str | None
+    #: an original already on disk (--originals-dir / --check-md5-if-exists): used when it
+    #: verifies, so the row needs no network at all; the URL is the fallback
+    local_path: str | None = None
 
 
 class FetchInfo(NamedTuple):
@@ -88,6 +93,7 @@ class _Attempt:
         "discard",
         "curl",
         "resume_from",
+        "total",
     )
 
     def __init__(self, job: FetchJob, host: str) -> None:
@@ -107,6 +113,7 @@ class _Attempt:
         self.discard = False
         self.curl: pycurl.Curl | None = None
         self.resume_from = 0
+        self.total = -1  # expected body size (resume offset + Content-Length), -1 unknown: for the UIs
 
     def reset_body(self) -> list[int]:
         freed = self.slots
@@ -170,6 +177,7 @@ class Fetcher:
         self.stopping = False
         self.jobs_held = 0
         self.dl_bytes = 0
+        self.board = Board.of(stats).fetcher(index)
 
     # -- libcurl callbacks --------------------------------------------------------------
     def _socket_cb(self, what: int, fd: int, multi: object, socketp: object) -> None:
@@ -235,6 +243,7 @@ class Fetcher:
                 a.ctype = ""
                 a.retry_after = None
                 a.discard = not (200 <= a.status < 300)
+                a.total = -1
                 return
             name, _, value = line.partition(b":")
             key = name.strip().lower()
@@ -244,6 +253,8 @@ class Fetcher:
                 a.retry_after = parse_retry_after(value.decode("latin-1"), time.time())
             elif key == b"accept-ranges":
                 a.accept_ranges = value.strip().lower() == b"bytes"
+            elif key == b"content-length" and value.strip().isdigit():
+                a.total = a.resume_from + int(value)
 
         return header
 
@@ -295,6 +306,38 @@ class Fetcher:
         self.hosts[a.host].active += 1
         self.active[c] = a
         self.multi.add_handle(c)
+
+    def _load_local(self, a: _Attempt) -> bool:
+        """Take the body from a file on disk if it is there and verifies; else use the URL."""
+        path = a.job.local_path
+        a.job = a.job._replace(local_path=None)  # one look only: a retry goes to the network
+        assert path is not None
+        try:
+            size = os.path.getsize(path)
+            if size == 0 or size > self.cfg.max_body_bytes:
+                return False
+            if a.job.expected_size is not None and size != a.job.expected_size:
+                return False
+            need = slots_needed(size, self.slab.slot_bytes)
+            if len(self.free) < need:
+                return False
+            slots = [self.free.pop() for _ in range(need)]
+            md5 = hashlib.md5()
+            pos = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self.slab.write(slots, chunk, pos)
+                    md5.update(chunk)
+                    pos += len(chunk)
+        except OSError:
+            return False
+        if pos != size or (a.job.md5_hex is not None and md5.hexdigest() != a.job.md5_hex):
+            self._free(slots)
+            return False
+        a.slots, a.nbytes, a.md5 = slots, pos, md5
+        a.first_start = time.monotonic()
+        self._send_body(a, "file://" + path)
+        return True
 
     def _release(self, c: pycurl.Curl) -> _Attempt:
         a = self.active.pop(c)
@@ -398,6 +441,7 @@ class Fetcher:
     def _send_body(self, a: _Attempt, eff: str) -> None:
         self.jobs_held -= 1
         slots = tuple(a.slots)
+        self.board.handed_on(a.job.seq, a.job.url)
         a.slots = []
         self.conn.send(("body", a.job.seq, slots, a.nbytes, self._info(a, eff)))
 
@@ -444,6 +488,8 @@ class Fetcher:
             else:
                 order.rotate(-1)
             skipped = 0
+            if a.job.local_path and self._load_local(a):
+                continue
             self._start(a)
             budget -= 1
 
@@ -551,6 +597,7 @@ class Fetcher:
             stats.set(F.PARKED, len(self.parked) + sum(len(q) for q in self.queues.values()))
             stats.set(F.FREE_SLOTS, len(self.free))
             stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
+            self.board.publish(self.active.values(), now)
         for c in list(self.active):
             self._release(c)
         self.multi.close()

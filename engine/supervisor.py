@@ -48,6 +48,8 @@ log = logging.getLogger("oidl")
 _WORKER_DEPTH = 2
 #: rows read from the lists per DB lookup of finished rows
 _FEED_BATCH = 512
+#: extensions an original may have been saved under (the sniffed format's)
+_ORIGINAL_EXTS = ("jpg", "png", "gif", "webp", "jpeg", "bin")
 #: a child restarted more often than this is broken, not unlucky
 _MAX_RESTARTS = 20
 
@@ -277,7 +279,7 @@ class Supervisor:
                 continue
             r.url = url
             r.info = None
-            jobs.append(FetchJob(r.seq, url, size, md5))
+            jobs.append(FetchJob(r.seq, url, size, md5, self._local_original(item.image_id)))
         for job in jobs:
             self.rows[job.seq].fetcher = fetcher
             self.fetchers[fetcher].holds.add(job.seq)
@@ -286,7 +288,17 @@ class Supervisor:
     def _job(self, r: _Row) -> FetchJob:
         assert isinstance(r.row, Row) and r.url
         _, size, md5 = self._resolve(r.row)
-        return FetchJob(r.seq, r.url, size, md5)
+        return FetchJob(r.seq, r.url, size, md5, self._local_original(r.row.image_id))
+
+    def _local_original(self, image_id: str) -> str | None:
+        """An original of this row already on disk, in original/ layout (the fetcher verifies it)."""
+        for d in self.cfg.source.originals_dirs:
+            for sub in (image_id[:3], ""):
+                for ext in _ORIGINAL_EXTS:
+                    p = os.path.join(d, sub, f"{image_id}.{ext}")
+                    if os.path.isfile(p):
+                        return p
+        return None
 
     # -- finishing rows -----------------------------------------------------------------
     def _record(self, r: _Row, status: str, reason: Reason | None, detail: str | None) -> state.ImageRow:

@@ -215,3 +215,29 @@ def test_unsafe_rows_never_become_paths(tmp_path: Path, corpus, server) -> None:
     assert "bad_redirect" in reasons and "bad_url" in reasons
     assert not list(tmp_path.glob("escape*")) and not list(out.rglob("escape*"))
     assert not list((out).rglob("*.jpg"))
+
+
+def test_originals_dir_reprocesses_offline(tmp_path: Path, corpus, server) -> None:
+    _, items = corpus
+    subset = [i for i in items if not i.broken][:10]
+    lst = write_list(tmp_path / "images.csv", subset, server.base_url)
+    first = tmp_path / "first"
+    run_cli([*RUN, lst, "--out", first], check=True)
+    # damage one kept original: it no longer matches OriginalMD5, so only that row is fetched
+    damaged = first / "original" / subset[0].image_id[:3] / f"{subset[0].image_id}.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"0123456789")
+    server.reset_stats()
+    second = tmp_path / "second"
+    run_cli(["run", "--sizes", "128", "--procs", "2", "--ui", "none", lst, "--out", second,
+             "--originals-dir", first / "original"], check=True)
+    assert server.stats()["total_requests"] == 1
+    rows = db_rows(second / "oidl.sqlite")
+    assert all(v == ("ok", None) for v in rows.values()) and len(rows) == len(subset)
+    for it in subset:
+        v = pyvips.Image.new_from_file(str(second / "128" / it.image_id[:3] / f"{it.image_id}.jpg"))
+        assert max(v.width, v.height) == 128
+    # --check-md5-if-exists: a rerun into the same OUT with a new variant fetches nothing
+    server.reset_stats()
+    run_cli([*RUN, "--retry-failed", "--check-md5-if-exists", lst, "--out", first, "--db", tmp_path / "new.sqlite"],
+            check=True)
+    assert server.stats()["total_requests"] == 1  # only the damaged one
