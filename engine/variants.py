@@ -77,7 +77,10 @@ class VariantSpec:
         if self.format not in _EXTENSIONS:
             raise ValueError(f"unknown variant format {self.format!r}; expected one of {', '.join(_EXTENSIONS)}")
         if not isinstance(self.mode, Mode):
-            raise ValueError(f"variant mode must be a Mode, got {self.mode!r}")
+            modes = ", ".join(m.value for m in Mode)
+            if self.mode not in (m.value for m in Mode):
+                raise ValueError(f"unknown variant mode {self.mode!r}; expected one of {modes}")
+            object.__setattr__(self, "mode", Mode(self.mode))  # accept the plain string too
         if not 1 <= self.quality <= 100:
             raise ValueError(f"variant quality {self.quality} is out of range 1..100")
         if self.subsample not in ("auto", "on", "off"):
