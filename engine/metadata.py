@@ -182,6 +182,10 @@ class DownloadConfig:
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
     max_redirects: int = 5
+    # An attempt that delivered this much before failing resets the retry count, so a long
+    # download over a flaky link survives interruptions spread over hours, while a server that
+    # trickles a few KB per connection and then stalls still exhausts the retries.
+    retry_reset_bytes: int = 8 << 20
     user_agent: str = f"oidl-engine/{__version__} (Open Images metadata; pycurl)"
 
 
@@ -578,8 +582,8 @@ def _download_part(
             assert failure is not None
             if failure not in RETRYABLE:
                 raise MetadataError(failure, f"{url}: {failure.value} ({detail})")
-            if xfer.written > xfer.offset:
-                attempt = 0  # progress was made: only consecutive fruitless attempts count
+            if xfer.written - xfer.offset >= cfg.retry_reset_bytes:
+                attempt = 0
             if attempt >= cfg.max_retries:
                 raise MetadataError(failure, f"{url}: {failure.value} after {cfg.max_retries} retries ({detail})")
             delay = _backoff_s(cfg, attempt, xfer.headers.get("retry-after"))

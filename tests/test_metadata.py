@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import email.utils
 import hashlib
 import io
+import json
 import os
+import random
 import re
 import socket
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from engine import metadata
 from engine.errors import Reason
+from engine.loopback import LoopbackServer
 from engine.metadata import RELEASES, DownloadConfig, MetadataError, download, extract, is_complete
 
 SAMPLES = Path("/work/shared/openimages-samples")
@@ -221,3 +227,242 @@ def test_truncated_archive_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MetadataError, match="cannot extract"):
         extract(archive, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar.gz"]
+
+
+# -- against the loopback server ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackServer]:
+    # One server for the module: starting and stopping one costs about a second.
+    with LoopbackServer(tmp_path_factory.mktemp("served")) as server:
+        yield server
+
+
+@dataclasses.dataclass
+class Site:
+    """This test's own directory on the shared server (its counters are reset for it)."""
+
+    server: LoopbackServer
+    root: Path
+    prefix: str
+
+    def put(self, relpath: str, data: bytes) -> tuple[int, str]:
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return len(data), hashlib.md5(data).hexdigest()
+
+    def url(self, relpath: str, **params: object) -> str:
+        return self.server.url(f"{self.prefix}/{relpath}", **params)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.server.base_url}/{self.prefix}/"
+
+    def ranges(self, relpath: str) -> list[str]:
+        return self.server.stats()["ranges"].get(f"/{self.prefix}/{relpath}", [])
+
+    def requests(self) -> int:
+        return sum(self.server.stats()["requests"].values())
+
+
+@pytest.fixture
+def site(loopback: LoopbackServer, request: pytest.FixtureRequest) -> Site:
+    prefix = re.sub(r"\W+", "_", request.node.name)
+    root = loopback.root / prefix
+    root.mkdir()
+    loopback.reset_stats()
+    return Site(loopback, root, prefix)
+
+
+def _csv_archive(seed: int) -> bytes:
+    # Hex text compresses about 2:1, so the archive is a few hundred KB: big enough to cut mid-body.
+    rng = random.Random(seed)
+    rows = "".join(f"{rng.getrandbits(64):016x},train\n" for _ in range(12_000))
+    return _targz({"2017_11/train/images.csv": ("ImageID,Subset\n" + rows).encode(), "2017_11/classes.txt": b"/m/01\n"})
+
+
+NO_RETRY = dataclasses.replace(FAST, max_retries=0)
+
+
+def test_interrupted_download_resumes_with_range_verifies_and_extracts(site: Site, tmp_path: Path) -> None:
+    size, md5 = site.put("2017_11/meta.tar.gz", _csv_archive(1))
+    cut = size // 3
+    dest = tmp_path / "2017_11/meta.tar.gz"
+    url = site.url("2017_11/meta.tar.gz", cut=cut)
+    # Run 1 dies mid-body (no retries allowed): the bytes so far and their validators stay.
+    with pytest.raises(MetadataError) as exc:
+        download(url, dest, size=size, md5_hex=md5, cfg=NO_RETRY)
+    assert exc.value.reason is Reason.TRUNCATED
+    assert not dest.exists()
+    assert (tmp_path / "2017_11/meta.tar.gz.part").stat().st_size == cut
+    # Run 2 asks only for the rest and verifies the whole (MD5 over the resumed prefix too).
+    result = download(url, dest, size=size, md5_hex=md5, cfg=FAST)
+    assert site.ranges("2017_11/meta.tar.gz") == [f"bytes={cut}-"]
+    assert result.checks == ("size (table)", "md5 (table)")
+    assert hashlib.md5(dest.read_bytes()).hexdigest() == md5
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["meta.tar.gz", "meta.tar.gz.oidl-verified"]
+    assert extract(dest, tmp_path) == 2
+    assert (tmp_path / "2017_11/train/images.csv").read_bytes().startswith(b"ImageID,Subset\n")
+
+
+def test_retry_within_one_run_resumes_with_range(site: Site, tmp_path: Path) -> None:
+    size, md5 = site.put("f.tar.gz", _csv_archive(2))
+    download(site.url("f.tar.gz", cut=1000), tmp_path / "f.tar.gz", size=size, md5_hex=md5, cfg=FAST)
+    assert site.ranges("f.tar.gz") == ["bytes=1000-"]
+    assert site.requests() == 2
+
+
+def test_server_ignoring_range_restarts_cleanly(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    size, md5 = site.put("f.tar.gz", _csv_archive(3))
+    dest = tmp_path / "f.tar.gz"
+    url = site.url("f.tar.gz", cut=size // 2, norange=1)
+    with pytest.raises(MetadataError):
+        download(url, dest, size=size, md5_hex=md5, cfg=NO_RETRY)
+    download(url, dest, size=size, md5_hex=md5, cfg=FAST)
+    assert site.ranges("f.tar.gz") == [f"bytes={size // 2}-"]  # asked, got a 200 instead
+    assert site.requests() == 2
+    assert dest.stat().st_size == size  # the 200 body replaced the prefix, not appended to it
+    assert hashlib.md5(dest.read_bytes()).hexdigest() == md5
+    err = capsys.readouterr().err
+    assert "server sent the whole file instead of the rest" in err
+    assert "downloading again from byte 0" not in err  # restarted within the same request
+
+
+def test_file_changed_between_attempts_restarts_from_zero(site: Site, tmp_path: Path) -> None:
+    old = _csv_archive(4)
+    new = old[: len(old) // 2] + bytes(b ^ 0xFF for b in old[len(old) // 2 :])  # same size, other bytes
+    size, _ = site.put("f.tar.gz", old)
+    dest = tmp_path / "f.tar.gz"
+    url = site.url("f.tar.gz", cut=size // 4)
+    with pytest.raises(MetadataError):
+        download(url, dest, size=size, md5_hex=None, cfg=NO_RETRY)
+    site.put("f.tar.gz", new)
+    later = time.time() + 60  # a new Last-Modified and ETag, as an upstream replacement has
+    os.utime(site.root / "f.tar.gz", (later, later))
+    result = download(url, dest, size=size, md5_hex=None, cfg=FAST)
+    # The resume carried If-Range; the server saw the stale validator and sent the new file whole.
+    assert site.ranges("f.tar.gz") == [f"bytes={size // 4}-"]
+    assert dest.read_bytes() == new
+    assert result.checks == ("size (table)",)
+
+
+def test_changed_etag_in_a_206_restarts_from_zero(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A weak ETag cannot go in If-Range, so the resume uses Last-Modified, which still matches:
+    # the server answers 206, but its ETag differs from the one recorded with the prefix. The
+    # rest must not be glued onto that prefix.
+    size, md5 = site.put("f.csv", b"0123456789" * 1000)
+    dest = tmp_path / "f.csv"
+    last_modified = email.utils.formatdate((site.root / "f.csv").stat().st_mtime, usegmt=True)
+    (tmp_path / "f.csv.part").write_bytes(b"X" * 4000)
+    sidecar = {"url": site.url("f.csv"), "etag": 'W/"old"', "last_modified": last_modified, "total": size}
+    (tmp_path / "f.csv.part.json").write_text(json.dumps(sidecar))
+    download(site.url("f.csv"), dest, size=size, md5_hex=md5, cfg=FAST)
+    assert dest.read_bytes() == b"0123456789" * 1000
+    assert site.ranges("f.csv") == ["bytes=4000-"]
+    assert site.requests() == 2
+    assert "file changed on the server (etag differ)" in capsys.readouterr().err
+
+
+def test_md5_mismatch_fails_clearly_and_leaves_no_file(site: Site, tmp_path: Path) -> None:
+    size, md5 = site.put("f.tar.gz", _csv_archive(5))
+    dest = tmp_path / "out/f.tar.gz"
+    with pytest.raises(MetadataError) as exc:
+        download(site.url("f.tar.gz"), dest, size=size, md5_hex="0" * 32, cfg=FAST)
+    assert site.requests() == 1  # a verification failure is not retried
+    assert exc.value.reason is Reason.MD5_MISMATCH
+    assert f"MD5 {md5}, expected {'0' * 32}" in str(exc.value)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_md5_mismatch_after_resume_retries_once_from_zero(site: Site, tmp_path: Path) -> None:
+    # A prefix from an earlier run that no validator exposes (same ETag) but is wrong: the
+    # resumed whole fails the MD5, so one clean download from byte 0 settles it.
+    size, md5 = site.put("f.csv", b"0123456789" * 1000)
+    dest = tmp_path / "f.csv"
+    etag = f'"{size:x}-{(site.root / "f.csv").stat().st_mtime_ns:x}"'  # the server's current ETag
+    (tmp_path / "f.csv.part").write_bytes(b"X" * 4000)
+    (tmp_path / "f.csv.part.json").write_text(json.dumps({"url": site.url("f.csv"), "etag": etag, "total": size}))
+    download(site.url("f.csv"), dest, size=size, md5_hex=md5, cfg=FAST)
+    assert dest.read_bytes() == b"0123456789" * 1000
+    assert site.ranges("f.csv") == ["bytes=4000-"]
+    assert site.requests() == 2
+
+
+def test_size_mismatch_is_detected_before_the_body(site: Site, tmp_path: Path) -> None:
+    site.put("f.csv", b"x" * 5000)
+    with pytest.raises(MetadataError) as exc:
+        download(site.url("f.csv"), tmp_path / "f.csv", size=4000, md5_hex=None, cfg=FAST)
+    assert exc.value.reason is Reason.SIZE_MISMATCH
+    assert "server has 5000 bytes, the table says 4000" in str(exc.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transient_503_is_retried_and_404_is_not(site: Site, tmp_path: Path) -> None:
+    size, md5 = site.put("f.csv", b"ImageID\n" * 100)
+    download(site.url("f.csv", fail=2), tmp_path / "a.csv", size=size, md5_hex=md5, cfg=FAST)
+    assert site.requests() == 3
+    site.server.reset_stats()
+    with pytest.raises(MetadataError) as exc:
+        download(site.url("f.csv", status=404), tmp_path / "b.csv", size=None, md5_hex=None, cfg=FAST)
+    assert exc.value.reason is Reason.HTTP_404
+    assert site.requests() == 1
+
+
+def test_stalled_server_cannot_hang_the_download(site: Site, tmp_path: Path) -> None:
+    site.put("f.csv", b"ImageID\n" * 10_000)
+    # libcurl averages the speed over a few seconds; a high limit makes the stall show at once.
+    cfg = dataclasses.replace(FAST, low_speed_time_s=1, low_speed_limit_bps=100_000, max_retries=1)
+    t0 = time.monotonic()
+    with pytest.raises(MetadataError) as exc:
+        download(site.url("f.csv", stall=1), tmp_path / "f.csv", size=None, md5_hex=None, cfg=cfg)
+    assert exc.value.reason is Reason.STALLED
+    assert time.monotonic() - t0 < 10
+    # The retry resumed after what the stalled server had sent; a trickle does not reset the count.
+    assert site.ranges("f.csv") == ["bytes=1024-"]
+
+
+def test_cli_fetches_verifies_extracts_then_skips_without_a_request(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The genuine V3 classes archive under the table's path: the table's size and MD5 apply.
+    site.put("2017_11/classes_2017_11.tar.gz", (SAMPLES / "test_classes_2017_11.tar.gz").read_bytes())
+    args = _cli("--release", "v3", "--only", "classes", "--dir", str(tmp_path), "--base-url", site.base_url)
+    assert metadata.run(args) == 0
+    assert site.requests() == 1
+    out = capsys.readouterr().out
+    assert "fetched  2017_11/classes_2017_11.tar.gz  296.0 KiB  [size (table), md5 (table)]" in out
+    assert "extracted 2017_11/classes_2017_11.tar.gz: 5 files" in out
+    assert (tmp_path / "2017_11/classes-bbox.txt").stat().st_size == 5779  # as listed in the archive
+    site.server.reset_stats()
+    assert metadata.run(args) == 0
+    assert site.requests() == 0
+    out = capsys.readouterr().out
+    assert "present  2017_11/classes_2017_11.tar.gz" in out and "extracted" not in out
+
+
+def test_cli_md5_mismatch_is_one_line_and_nonzero(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Right size, wrong bytes under the table's path: a full download that fails verification.
+    real = (SAMPLES / "test_classes_2017_11.tar.gz").read_bytes()
+    site.put("2017_11/classes_2017_11.tar.gz", real[:-1] + bytes([real[-1] ^ 1]))
+    args = _cli("--release", "v3", "--only", "classes", "--dir", str(tmp_path), "--base-url", site.base_url)
+    assert metadata.run(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"^error: 2017_11/classes_2017_11.tar.gz: .*MD5 [0-9a-f]{32}, expected 3937f6dd", err, re.M)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".oidl-metadata.lock", "2017_11"]
+    assert list((tmp_path / "2017_11").iterdir()) == []
+
+
+def test_plain_progress_shows_bytes_rate_and_eta(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Without a TTY a line every few seconds: a slow transfer of ~2.5 s shows bytes, rate and ETA.
+    site.put("f.csv", b"x" * 60_000)
+    progress = metadata._PlainProgress("f.csv", interval_s=0.5)
+    download(site.url("f.csv", rate=24_000), tmp_path / "f.csv", size=60_000, md5_hex=None, cfg=FAST, progress=progress)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(re.fullmatch(r"f\.csv: .* / 58\.6 KiB \(.*%\)  .*/s  ETA \d+:\d\d:\d\d", x) for x in lines)
