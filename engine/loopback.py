@@ -483,12 +483,12 @@ class _Handler:
         cut/stall/rate shape its delivery.
         """
         if req.path == "/__stats":
-            return await self._write(writer, self._json(self.stats.as_json()), req.keep_alive, False)
+            return await self._write(writer, self._json(self.stats.as_json()), req.keep_alive, False, count=False)
         if req.path == "/__reset":
             self.stats.reset()
             self._fail_seen.clear()
             self._cut_seen.clear()
-            return await self._write(writer, self._json({"ok": True}), req.keep_alive, False)
+            return await self._write(writer, self._json({"ok": True}), req.keep_alive, False, count=False)
 
         self.stats.total_requests += 1
         self.stats.requests[req.target] += 1
@@ -647,12 +647,16 @@ class _Handler:
             if sent < len(payload):
                 await asyncio.sleep(max(0.0, start + sent / rate_bps - loop.time()))
 
-    async def _write(self, writer: asyncio.StreamWriter, resp: _Response, keep_alive: bool, head_only: bool) -> bool:
+    async def _write(
+        self, writer: asyncio.StreamWriter, resp: _Response, keep_alive: bool, head_only: bool, count: bool = True
+    ) -> bool:
+        """Send a whole response; ``count=False`` keeps admin answers out of ``bytes_sent``."""
         resp.headers.append(("Content-Length", str(len(resp.body))))
         writer.write(self._head(resp, keep_alive))
         if not head_only and resp.body:
             writer.write(resp.body)
-            self.stats.bytes_sent += len(resp.body)
+            if count:
+                self.stats.bytes_sent += len(resp.body)
         await writer.drain()
         return keep_alive
 
@@ -734,7 +738,12 @@ async def _serve_forever(root: Path, hosts: Sequence[str], port: int, verbose: b
         # LoopbackServer keeps our stdin open; EOF means the parent is gone (even after SIGKILL),
         # so exit instead of lingering as an orphan.
         def watch() -> None:
-            while sys.stdin.buffer.read(4096):
+            # os.read on the raw descriptor: a thread blocked inside sys.stdin's buffered reader
+            # would abort the interpreter at shutdown (it holds the buffer's lock).
+            try:
+                while os.read(0, 4096):
+                    pass
+            except OSError:
                 pass
             loop.call_soon_threadsafe(stop.set)
 
@@ -809,6 +818,11 @@ class LoopbackServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server process id (tests and benchmarks measure its CPU), None before start."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def base_url(self) -> str:
