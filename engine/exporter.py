@@ -1,0 +1,143 @@
+"""Prometheus exporter: a custom collector that reads the shared stats at scrape time.
+
+Nothing is counted twice and nothing is pushed: each scrape sums the stats matrix (a few
+microseconds), reads psutil for every engine process, and renders. It runs in the monitor
+process (:mod:`engine.monitor`), so a scrape never costs the supervisor anything.
+All names and help texts come from :mod:`engine.metrics`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from . import metrics as M
+from .monitor import proc_name
+from .stats import HIST_BUCKETS_S, HIST_DOWNLOAD_BASE, HIST_PROCESS_BASE, F, histogram, reason_counts
+
+
+def _counter(m: M.Metric, labels: tuple[str, ...] | None = None) -> CounterMetricFamily:
+    return CounterMetricFamily(m.name, m.help, labels=list(labels if labels is not None else m.labels) or None)
+
+
+def _gauge(m: M.Metric) -> GaugeMetricFamily:
+    return GaugeMetricFamily(m.name, m.help, labels=list(m.labels) or None)
+
+
+class EngineCollector(Collector):
+    """Reads ``holder.data`` (an :class:`engine.monitor.LiveData`, None until the run starts)."""
+
+    def __init__(self, holder) -> None:  # noqa: ANN001 - engine.monitor._Holder
+        self.holder = holder
+
+    def collect(self) -> Iterator[Metric]:
+        info = InfoMetricFamily(M.BUILD_INFO.name, M.BUILD_INFO.help)
+        info.add_metric([], {"version": __version__})
+        yield info
+        data = self.holder.data
+        if data is None:
+            return
+        m = data.stats.snapshot()
+
+        def tot(f: int) -> int:
+            return int(m[:, f].sum())
+
+        c = _counter(M.IMAGES)
+        c.add_metric(["ok"], tot(F.IMAGES_OK))
+        c.add_metric(["failed"], tot(F.IMAGES_FAILED))
+        yield c
+        expected = int(m[0, F.EXPECTED])
+        if expected >= 0:  # -1 while the lists are still being counted: no sample beats a wrong one
+            g = _gauge(M.IMAGES_EXPECTED)
+            g.add_metric([], expected)
+            yield g
+        for metric, field in (
+            (M.IMAGES_SKIPPED, F.SKIPPED),
+            (M.DOWNLOADED_BYTES, F.DOWNLOADED_BYTES),
+            (M.WRITTEN_BYTES, F.WRITTEN_BYTES),
+            (M.FILES_WRITTEN, F.FILES_WRITTEN),
+            (M.RETRIES, F.RETRIES),
+            (M.TRANSFERS, F.TRANSFERS_DONE),
+            (M.PROCESSED, F.IMAGES_PROCESSED),
+        ):
+            c = _counter(metric)
+            c.add_metric([], tot(field))
+            yield c
+        for metric, field in ((M.DOWNLOADS_IN_PROGRESS, F.DOWNLOADS_IN_PROGRESS),
+                              (M.RESIZES_IN_PROGRESS, F.RESIZES_IN_PROGRESS)):
+            g = _gauge(metric)
+            g.add_metric([], tot(field))
+            yield g
+        c = _counter(M.FAILURES)
+        for reason, n in reason_counts(m).items():  # every reason, zeros included: a fixed label set
+            c.add_metric([reason], n)
+        yield c
+        for metric, base in ((M.DOWNLOAD_SECONDS, HIST_DOWNLOAD_BASE), (M.PROCESSING_SECONDS, HIST_PROCESS_BASE)):
+            cumulative, sum_s = histogram(m, base)
+            bounds = [*(repr(float(b)) for b in HIST_BUCKETS_S), "+Inf"]
+            h = HistogramMetricFamily(metric.name, metric.help)
+            h.add_metric([], list(zip(bounds, cumulative)), sum_s)
+            yield h
+        g = _gauge(M.ROWS_WAITING)
+        g.add_metric(["fetch"], tot(F.PARKED))
+        g.add_metric(["worker"], int(m[0, F.QUEUED_BODIES]))
+        g.add_metric(["writer"], int(m[0, F.QUEUED_WRITES]))
+        yield g
+        view = data.view()
+        slots, used = _gauge(M.RING_SLOTS), _gauge(M.RING_USED_SLOTS)
+        for r in view.get("rings", ()):
+            slots.add_metric([r["ring"], r["process"]], r["slots"])
+            used.add_metric([r["ring"], r["process"]], r["used"])
+        yield slots
+        yield used
+        cpu, rss = _counter(M.PROCESS_CPU), _gauge(M.PROCESS_RSS)
+        for p in view.get("processes", ()):
+            cpu.add_metric([p["name"]], p["cpu_s"])
+            rss.add_metric([p["name"]], p["rss"])
+        yield cpu
+        yield rss
+        hb = _gauge(M.HEARTBEAT_AGE)
+        now_ms = time.monotonic() * 1000
+        for row in range(1, data.layout.rows):
+            beat = int(m[row, F.HEARTBEAT_MS])
+            if beat > 0:
+                hb.add_metric([proc_name(data.layout, row)], max(0.0, (now_ms - beat) / 1000))
+        beat = int(m[0, F.HEARTBEAT_MS])
+        if beat > 0:
+            hb.add_metric(["supervisor"], max(0.0, (now_ms - beat) / 1000))
+        yield hb
+        g = _gauge(M.START_TIME)
+        g.add_metric([], data.t0_wall)
+        yield g
+
+
+def make_registry(holder) -> CollectorRegistry:  # noqa: ANN001
+    # Only our collector: the default process/GC collectors would describe the monitor
+    # process, which is not what anyone wants to graph.
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(holder))
+    return registry
+
+
+def serve_metrics(holder, host: str, port: int) -> tuple[Callable[[], None], str]:  # noqa: ANN001
+    """Serve /metrics on host:port (port 0: any free port); returns (close, URL)."""
+    httpd, thread = start_http_server(port, addr=host, registry=make_registry(holder))
+
+    def close() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(2.0)
+
+    shown = f"[{host}]" if ":" in host else host
+    return close, f"http://{shown}:{httpd.server_port}/metrics"
