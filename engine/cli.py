@@ -311,14 +311,28 @@ def run_engine(cfg: RunConfig) -> int:
     from .report import PlainReporter, summary_text
     from .supervisor import RunError, Supervisor
 
+    from .monitor import Monitor, MonitorError
+
     reporter = PlainReporter() if cfg.ui == "plain" else None
+    # TUI, web UI and exporter run in their own process, out of the supervisor's way.
+    monitor = Monitor.for_run(cfg)
 
     def tick(sup: Supervisor) -> None:
         if reporter is not None:
             reporter.tick(sup.stats)
+        if monitor is not None:
+            monitor.attach(sup.stats.layout)
 
     sup = Supervisor(cfg, on_tick=tick)
     try:
+        if monitor is not None:
+            try:
+                urls = monitor.start()
+            except MonitorError as e:
+                print(f"oidl-engine: cannot start monitoring: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            for what, url in urls.items():
+                print(f"oidl-engine: {what} on {url}", file=sys.stderr, flush=True)
         summary = sup.run()
     except ListError as e:
         print(f"oidl-engine: {e}", file=sys.stderr)
@@ -326,6 +340,9 @@ def run_engine(cfg: RunConfig) -> int:
     except RunError as e:
         print(f"oidl-engine: {e}", file=sys.stderr)
         return EXIT_RUN_ERROR
+    finally:
+        if monitor is not None:
+            monitor.stop()  # before the summary: the TUI gives the terminal back first
     if cfg.ui != "none":
         print(summary_text(summary.ok, summary.failed, summary.skipped, summary.reasons, summary.elapsed_s,
                            summary.interrupted), file=sys.stderr)

@@ -18,6 +18,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from .board import board_bytes
 from .errors import ALL_REASONS
 
 
@@ -111,7 +112,9 @@ class Stats:
     def create(cls, fetchers: int, workers: int) -> "Stats":
         name = f"oidl-{os.getpid()}-{os.urandom(4).hex()}"
         layout = StatsLayout(name=name, fetchers=fetchers, workers=workers)
-        shm = shared_memory.SharedMemory(name=name, create=True, size=layout.rows * N_FIELDS * 8)
+        # the board (engine.board: named in-flight items, recent rows) follows the matrix
+        size = layout.rows * N_FIELDS * 8 + board_bytes(fetchers, workers)
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         s = cls(shm, layout, row=0, owner=True)
         s.m[:] = 0
         s.m[0, F.EXPECTED] = -1
@@ -154,6 +157,14 @@ class Stats:
     # -- readers ------------------------------------------------------------------------
     def total(self, field: int) -> int:
         return int(self.m[:, field].sum())
+
+    @property
+    def buf(self) -> memoryview:
+        return self._shm.buf
+
+    @property
+    def board_offset(self) -> int:
+        return self.layout.rows * N_FIELDS * 8
 
     def snapshot(self) -> np.ndarray:
         return self.m.copy()

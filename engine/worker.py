@@ -19,6 +19,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 from typing import NamedTuple
 
+from .board import Board, WorkerBoard
 from .errors import Reason, RowFailed
 from .proc import child_init
 from .ring import Slab, SlotRange
@@ -65,7 +66,7 @@ def worker_main(
     stats = Stats.attach(layout, Role.WORKER, index)
     stats.set(F.OWNED_SLOTS, len(slots))
     try:
-        _loop(conn, cfg, slab, len(slots), free, stats, images)
+        _loop(conn, cfg, slab, len(slots), free, stats, images, Board.of(stats).worker(index))
     except (EOFError, OSError):
         pass  # the supervisor is gone
     finally:
@@ -73,7 +74,10 @@ def worker_main(
         slab.close()
 
 
-def _loop(conn: Connection, cfg: PipelineConfig, slab: Slab, owned: int, free: list[int], stats: Stats, images) -> None:  # noqa: ANN001
+def _loop(
+    conn: Connection, cfg: PipelineConfig, slab: Slab, owned: int, free: list[int], stats: Stats, images,  # noqa: ANN001
+    board: WorkerBoard,
+) -> None:
     pending: deque = deque()  # jobs that arrived while we waited for output slots
     while True:
         msg = pending.popleft() if pending else conn.recv()
@@ -86,6 +90,7 @@ def _loop(conn: Connection, cfg: PipelineConfig, slab: Slab, owned: int, free: l
         _, seq, body_slots, nbytes, rotation = msg
         stats.set(F.RESIZES_IN_PROGRESS, 1)
         t0 = time.monotonic()
+        board.start(seq, nbytes, t0)
         body = slab.read(body_slots, nbytes)
         try:
             result = images.process(body, cfg, rotation_deg=rotation)
@@ -107,6 +112,7 @@ def _loop(conn: Connection, cfg: PipelineConfig, slab: Slab, owned: int, free: l
         stats.observe(HIST_PROCESS_BASE, time.monotonic() - t0)
         stats.add(F.IMAGES_PROCESSED)
         stats.set(F.RESIZES_IN_PROGRESS, 0)
+        board.idle()
         stats.set(F.FREE_SLOTS, len(free))
         conn.send(("done", seq, out))
 

@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import NamedTuple
 
 from . import state
+from .board import Board
 from .config import OutputConfig
 from .layout import FORMAT_EXT, ORIGINAL, rel_path
 from .proc import child_init
@@ -50,6 +51,7 @@ class Writer:
         self.db = state.connect(cfg.db_path)
         self.made_dirs: set[str] = set()
         self.counter = 0
+        self.board = Board.of(stats).writer()
 
     def _write_file(self, rel: str, ref: OutputRef) -> int:
         parent = os.path.dirname(rel)
@@ -95,6 +97,7 @@ class Writer:
     def flush(self, batch: list[WriteRecord]) -> None:
         rows = [self._apply(r) for r in batch]
         state.write_batch(self.db, rows)
+        self.board.finished(rows, time.time())
         for r in rows:
             if r.status == "ok":
                 self.stats.add(F.IMAGES_OK)
