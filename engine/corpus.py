@@ -1,10 +1,10 @@
 """Photo-like test images and Open Images-format image lists, for the tests, the demo and the benchmarks.
 
 JPEG decode and encode cost depends on the content, so flat colours would flatter every benchmark:
-images here are multi-scale Perlin/Worley noise with colour and film grain, about 200 KB at 1024x768 q90
+images here are multi-scale Perlin noise with a colour tint and film grain, about 200 KB at 1024x768 q90
 like a real photo. Rendering noise is slow (~0.25 s per image), so :func:`make_corpus` renders a few
-dozen base images and derives every file from one of them with a random crop, flip, colour shift and
-grain offset before re-encoding: each file is distinct and costs ~10 ms.
+dozen base images and derives every file from one of them with a random crop, flip and colour shift
+before re-encoding: each file is distinct and costs ~10 ms.
 
 ``python -m engine.corpus --out DIR -n N`` writes a corpus and ``DIR/images.csv``.
 """
@@ -148,7 +148,7 @@ def image_id_for(seed: int, index: int) -> str:
 
 
 def _derive(seed: int, index: int, n_bases: int, large: bool, attempt: int) -> tuple[bytes, int, int]:
-    """One distinct JPEG derived from a base: crop, flip, colour shift, optional upscale, grain, encode."""
+    """One distinct JPEG derived from a base: crop, flip, colour shift, optional upscale, encode."""
     rng = random.Random(f"oidl-corpus:{seed}:{index}:{attempt}")
     src = _base(seed, rng.randrange(n_bases))
     portrait = rng.random() < 0.3
@@ -253,7 +253,7 @@ def make_corpus(
 
     items: list[CorpusItem] = []
     seen_md5: set[str] = set()
-    # libvips releases the GIL, so two threads keep both cores busy; batches bound the memory held
+    # libvips releases the GIL, so two threads can use both cores; batches bound the memory held
     # by results computed ahead of the (ordered, deterministic) writing loop.
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
         list(pool.map(lambda k: _base(seed, k), range(n_bases)))

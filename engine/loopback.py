@@ -1,9 +1,22 @@
 """A misbehaving-on-demand HTTP/1.1 file server on loopback, for the demo, the tests and the benchmarks.
 
-It serves the files under ``--root`` like a plain static server (ranges, ETag, keep-alive), and a request
-can ask for the ways real image hosts misbehave through query parameters (``?fail=2``, ``?cut=1000``,
-``?rate=5000``, ``?dead=1`` …; see :func:`_Handler.serve`). It is written on asyncio streams so that
-thousands of concurrent, mostly idle or slow connections cost one coroutine each, never a thread.
+It serves the files under ``--root`` like a plain static server (ranges, If-Range, ETag, keep-alive),
+and a request asks for the ways real image hosts misbehave through query parameters (combinable;
+stateful ones count per full request target, so ``&k=<row id>`` gives each row its own state):
+
+``status=N``               answer N with a small HTML page
+``fail=N``                 the first N requests answer ``fail_status`` (503), with ``Retry-After: retry_after``
+``cut=N``                  full Content-Length, then N body bytes and close (first ``cut_times`` requests; -1 = always)
+``norange=1``              ignore Range              ``stall=1``  1 KiB of body, then silence until the client leaves
+``rate=BPS``               throttle the body         ``delay=S``  wait before the headers
+``redirect=N``             N 302s, then the target   ``loop=1``   302 to itself forever
+``location=URL``           302 to exactly URL        ``dead=1``   302 to Flickr's "photo unavailable" PNG on localhost
+``ctype=T``                override Content-Type     ``gzip=1``   Content-Encoding gzip   ``chunked=1``  chunked
+``body=html|xml|text|empty``  200 with that instead of the file
+``sleep_close=S``          read the request, close after S seconds without an answer
+
+``GET /__stats`` returns counters as JSON and ``GET /__reset`` clears them. It is written on asyncio streams
+so that thousands of concurrent, mostly idle or slow connections cost one coroutine each, never a thread.
 
 Run it as ``python -m engine.loopback --root DIR [--host H ...] [--port 0]``: it prints one line
 ``PORT <n>`` once it listens and runs until SIGTERM/SIGINT. :class:`LoopbackServer` does that in a
@@ -25,12 +38,14 @@ import re
 import resource
 import selectors
 import signal
+import stat
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import weakref
 import zlib
 from collections import defaultdict
@@ -69,6 +84,7 @@ _CONTENT_TYPES: dict[str, str] = {
 # Flickr answers a deleted photo with a 302 to a placeholder on another host; this is that URL's shape.
 _PLACEHOLDER_PATH_RE = re.compile(r"^/pw/images/[^/]+/photo_unavailable[^/]*\.png$")
 _PLACEHOLDER_TARGET = "/pw/images/en-us/photo_unavailable_l.png"
+_ADMIN_PATHS = frozenset({"/__stats", "/__reset"})
 
 _SYNTHETIC_BODIES: dict[str, tuple[bytes, str]] = {
     # A "soft 404": status 200 with an HTML page, as some CDNs answer a missing image.
@@ -203,7 +219,7 @@ class Behaviour:
             fail_status=integer("fail_status", 100, 999) or 503,
             retry_after_s=integer("retry_after", 0, 86_400),
             cut_bytes=integer("cut", 0, 1 << 40),
-            cut_times=integer("cut_times", -1, 1_000_000) if "cut_times" in params else 1,  # type: ignore[arg-type]
+            cut_times=1 if (cut_times := integer("cut_times", -1, 1_000_000)) is None else cut_times,
             norange=flag("norange"),
             stall=flag("stall"),
             rate_bps=rate,
@@ -331,18 +347,19 @@ class _FileStore:
     """Files under the root, with traversal checks and a bounded in-memory body cache."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root.resolve()
+        self.root = os.path.realpath(root)
         self._cache: dict[str, tuple[int, int, _File]] = {}  # real path -> (size, mtime_ns, file)
         self._cached_bytes = 0
 
-    def resolve(self, url_path: str) -> Path | None:
+    def resolve(self, url_path: str) -> str | None:
+        """The real path for a URL path, or None when it is not a path inside the root."""
         rel = url_path[1:] if url_path.startswith("/") else url_path
         if not rel or "\x00" in rel or rel.startswith("/") or "\\" in rel:
             return None  # "//etc/passwd" decodes to an absolute path: refuse
-        if any(part == ".." for part in rel.split("/")):
+        if ".." in rel.split("/"):
             return None
-        real = Path(os.path.realpath(self.root / rel))
-        if real != self.root and self.root not in real.parents:
+        real = os.path.realpath(os.path.join(self.root, rel))
+        if not real.startswith(self.root + os.sep):
             return None  # a symlink pointing out of the root
         return real
 
@@ -354,14 +371,18 @@ class _FileStore:
             st = os.stat(real)
         except OSError:
             return None
-        if not os.path.isfile(real):
+        if not stat.S_ISREG(st.st_mode):
             return None
-        key = str(real)
-        hit = self._cache.get(key)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            return hit[2]
+        hit = self._cache.pop(real, None)
+        if hit is not None:
+            self._cached_bytes -= hit[0]
+            if hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+                self._cache[real] = hit
+                self._cached_bytes += hit[0]
+                return hit[2]
         try:
-            body = real.read_bytes()
+            with open(real, "rb") as fh:
+                body = fh.read()
         except OSError:
             return None
         f = _File(
@@ -371,12 +392,10 @@ class _FileStore:
             last_modified=formatdate(st.st_mtime, usegmt=True),
         )
         if len(body) <= _FILE_CACHE_MAX_FILE_BYTES:
-            if hit:
-                self._cached_bytes -= hit[0]
             while self._cache and self._cached_bytes + len(body) > _FILE_CACHE_MAX_BYTES:
                 _, (old_size, _, _) = self._cache.popitem()  # any victim will do for a test server
                 self._cached_bytes -= old_size
-            self._cache[key] = (st.st_size, st.st_mtime_ns, f)
+            self._cache[real] = (len(body), st.st_mtime_ns, f)
             self._cached_bytes += len(body)
         return f
 
@@ -462,7 +481,7 @@ class _Handler:
                     return
                 # A connection is counted by the Host of its first request; connections that only
                 # ask for /__stats or /__reset are not, so polling stats does not disturb them.
-                if first and not req.path.startswith("/__"):
+                if first and req.path not in _ADMIN_PATHS:
                     counted_host = req.host
                     self.stats.open_connection(counted_host)
                 first = False
@@ -470,6 +489,10 @@ class _Handler:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             pass  # the client went away: nothing to answer
+        except Exception:  # a bug here must not pass for a misbehaviour the test asked for: say so
+            traceback.print_exc()
+            if not writer.is_closing():
+                writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         finally:
             if counted_host is not None:
                 self.stats.close_connection(counted_host)
@@ -617,15 +640,18 @@ class _Handler:
                 close_after = True
         if b.stall:
             limit = min(limit, _STALL_BYTES)
-        keep_alive = req.keep_alive and not close_after and not b.stall
-        writer.write(self._head(resp, keep_alive))
-        if not head_only:
-            await self._send(writer, memoryview(payload)[:limit], b.rate_bps)
+        # The headers look like a normal answer's: a real reset or stall is not announced.
+        writer.write(self._head(resp, req.keep_alive))
+        if head_only:
+            await writer.drain()
+            return req.keep_alive
+        await self._send(writer, memoryview(payload)[:limit], b.rate_bps)
         await writer.drain()
-        if b.stall and not head_only:
+        if b.stall:
             while await reader.read(65536):  # hold the connection until the client gives up
                 pass
-        return keep_alive
+            return False
+        return req.keep_alive and not close_after
 
     async def _send(self, writer: asyncio.StreamWriter, payload: memoryview, rate_bps: float | None) -> None:
         if rate_bps is None:
