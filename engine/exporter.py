@@ -16,7 +16,6 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
-    InfoMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -42,8 +41,8 @@ class EngineCollector(Collector):
         self.holder = holder
 
     def collect(self) -> Iterator[Metric]:
-        info = InfoMetricFamily(M.BUILD_INFO.name, M.BUILD_INFO.help)
-        info.add_metric([], {"version": __version__})
+        info = _gauge(M.BUILD_INFO)
+        info.add_metric([__version__], 1)
         yield info
         data = self.holder.data
         if data is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Metric:
     name: str  # as exposed (counters end in _total)
-    kind: str  # counter | gauge | histogram | info
+    kind: str  # counter | gauge | histogram
     help: str
     labels: tuple[str, ...] = ()
 
@@ -54,7 +54,7 @@ HEARTBEAT_AGE = Metric(
     "oidl_process_heartbeat_age_seconds", "gauge", "Seconds since a process last went round its loop.", ("process",)
 )
 START_TIME = Metric("oidl_start_time_seconds", "gauge", "Unix time the run started.")
-BUILD_INFO = Metric("oidl_build", "info", "Engine version.", ("version",))
+BUILD_INFO = Metric("oidl_build_info", "gauge", "Always 1; the engine version is the label.", ("version",))
 
 ALL: tuple[Metric, ...] = (
     IMAGES,

@@ -1,0 +1,64 @@
+"""Helpers of the observability tests: a slow real run whose monitor URLs we can read."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+from conftest import CLI, REPO, kill_tree_on_failure, write_list
+
+#: per-connection body rate and connection cap that make the 63-image corpus take ~30 s
+SLOW_RATE_BPS = 100_000
+SLOW_HOST_CONNECTIONS = 2
+
+
+class Run:
+    """A running ``oidl-engine run`` with --metrics-port / --web-port 0; stderr is drained."""
+
+    def __init__(self, proc: subprocess.Popen, urls: dict[str, str]) -> None:
+        self.proc = proc
+        self.urls = urls
+        self.stderr: list[str] = []
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_tree_on_failure(self.proc)
+        return self.proc.returncode
+
+
+def start_run(tmp_path: Path, items, server, extra: Sequence[str], want: Sequence[str],
+              rate_bps: int = SLOW_RATE_BPS) -> Run:
+    lst = write_list(tmp_path / "slow.csv", items, server.base_url, rate=str(rate_bps))
+    args = ["run", str(lst), "--out", str(tmp_path / "out"), "--sizes", "128,256", "--procs", "2",
+            "--max-host-connections", str(SLOW_HOST_CONNECTIONS), *extra]
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    urls: dict[str, str] = {}
+    run = Run(proc, urls)
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 60
+    while set(want) - set(urls):
+        line = proc.stderr.readline()
+        if not line or time.monotonic() > deadline:
+            kill_tree_on_failure(proc)
+            raise AssertionError(f"the engine did not print its URLs: {line!r}")
+        run.stderr.append(line)
+        m = re.search(r"oidl-engine: (\w+) on (\S+)", line)
+        if m:
+            urls[m.group(1)] = m.group(2)
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            run.stderr.append(line)
+
+    threading.Thread(target=drain, daemon=True).start()
+    return run
