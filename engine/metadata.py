@@ -626,6 +626,16 @@ def _extracted_marker(archive: Path) -> Path:
     return archive.with_name(archive.name + ".oidl-extracted")
 
 
+def _extracted_without_archive(archive: Path, root: Path, size: int | None) -> bool:
+    """True if the archive was extracted and then deleted (users reclaim GBs): nothing to fetch."""
+    if archive.exists():
+        return False
+    done = _read_json(_extracted_marker(archive))
+    if not done or (size is not None and done.get("size") != size):
+        return False
+    return all((root / rel).is_file() for rel in done.get("files", ()))
+
+
 def _only_plain_members(member: tarfile.TarInfo, dest_path: str) -> tarfile.TarInfo:
     # The "data" filter refuses "..", devices and links that leave the target, but it only
     # strips a leading "/"; an absolute name in a metadata archive means a broken or hostile
@@ -875,6 +885,9 @@ def _run_locked(files: tuple[MetaFile, ...], root: Path, base_url: str, cfg: Dow
         dest = root / f.relpath
         url = base_url.rstrip("/") + "/" + f.relpath
         try:
+            if f.extract and extract_archives and _extracted_without_archive(dest, root, f.size):
+                print(f"present  {f.relpath}  [extracted earlier; the archive was removed]", flush=True)
+                continue
             result = is_complete(dest, size=f.size, md5_hex=f.md5_hex)
             if result is None:
                 with _progress_for(f.relpath, tty) as progress:

@@ -139,7 +139,9 @@ def test_complete_file_is_skipped_without_any_request(tmp_path: Path, capsys: py
     dest = tmp_path / entry.relpath
     dest.parent.mkdir(parents=True)
     dest.write_bytes((SAMPLES / "test_classes_2017_11.tar.gz").read_bytes())
-    args = _cli("--release", "v3", "--only", "classes", "--dir", str(tmp_path), "--base-url", _closed_port_url())
+    args = _cli(
+        "--release", "v3", "--only", "classes", "--dir", str(tmp_path), "--base-url", _closed_port_url(), "--max-retries", "0"
+    )
     assert metadata.run(args) == 0
     out = capsys.readouterr().out
     assert "present  2017_11/classes_2017_11.tar.gz" in out and "size (table), md5 (table)" in out
@@ -148,7 +150,15 @@ def test_complete_file_is_skipped_without_any_request(tmp_path: Path, capsys: py
     # Second run: the MD5 comes from the cache sidecar and the extraction marker says done.
     assert metadata.run(args) == 0
     out = capsys.readouterr().out
-    assert "present" in out and "extracted" not in out
+    assert "present" in out and "extracted 2017_11" not in out
+    # The user deletes the 300 KB (or 1 GB) archive after extraction: still nothing to fetch.
+    dest.unlink()
+    assert metadata.run(args) == 0
+    assert "[extracted earlier; the archive was removed]" in capsys.readouterr().out
+    # ...unless an extracted file went missing too: then the archive is needed (and unreachable).
+    (tmp_path / "2017_11/classes.txt").unlink()
+    assert metadata.run(args) == 1
+    assert "connect" in capsys.readouterr().err
 
 
 def test_verification_cache_is_keyed_by_size_and_mtime(tmp_path: Path) -> None:
