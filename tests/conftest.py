@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -39,15 +40,23 @@ def server(corpus: tuple[Path, list[CorpusItem]]) -> Iterator[LoopbackServer]:
         yield s
 
 
+#: marks every engine process this test session starts (other engines may run on the machine)
+SESSION_MARK = f"OIDL_TEST_SESSION={uuid.uuid4().hex}"
+_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # loopback only, never via a proxy
+_ENV[SESSION_MARK.split("=")[0]] = SESSION_MARK.split("=")[1]
+
+
 def run_cli(args: Sequence[str], *, timeout_s: float = 120.0, check: bool = False) -> subprocess.CompletedProcess:
-    p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+    p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env=_ENV)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
 
 
 def start_cli(args: Sequence[str]) -> subprocess.Popen:
-    return subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return subprocess.Popen(
+        [*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_ENV
+    )
 
 
 def db_rows(db: Path) -> dict[str, tuple[str, str | None]]:
@@ -92,7 +101,18 @@ def comm(pid: int) -> str:
 
 
 def engine_processes() -> list[int]:
-    return [p for p in psutil.pids() if comm(p).startswith("oidl-") and p != os.getpid()]
+    """Engine processes started by this test session that are still alive (orphans)."""
+    mark = SESSION_MARK.encode()
+    out = []
+    for pid in psutil.pids():
+        if pid == os.getpid() or not comm(pid).startswith("oidl-"):
+            continue
+        try:
+            if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
 
 
 def child_pids(pid: int, prefix: str) -> list[int]:
