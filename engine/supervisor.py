@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from .fetcher import FetchInfo, FetchJob, fetcher_main
 from .inputs import BadRow, Row
 from .layout import ORIGINAL
 from .ring import Slab, SlotRange, remove_stale_segments
-from .stats import F, Stats
+from .stats import F, Stats, StatsLayout
 from .worker import Decoded, OutputRef, worker_main
 from .writer import WriteRecord, original_ext, writer_main
 
@@ -518,7 +517,13 @@ class Supervisor:
         try:
             self._start_children()
             self.feed = self._iter_feed()
-            threading.Thread(target=self._count_expected, daemon=True).start()
+            # Counting a 9M-row list takes seconds of CPU: a process of its own keeps it off
+            # the routing loop's GIL. It writes the total into the stats and exits.
+            self.counter = self.ctx.Process(
+                target=count_main, args=(self.cfg.lists, self.cfg.subset, self.cfg.limit, self.layout),
+                name="oidl-counter", daemon=True,
+            )
+            self.counter.start()
             self._loop()
         finally:
             signal.signal(signal.SIGINT, old_int)
@@ -526,17 +531,6 @@ class Supervisor:
             self._shutdown()
         return RunSummary(self.ok, self.failed, self.skipped, dict(self.reasons), time.monotonic() - t0,
                           interrupted=self.stop_signals > 0)
-
-    def _count_expected(self) -> None:
-        try:
-            n = inputs.count_rows(list(self.cfg.lists), subset=self.cfg.subset)
-        except Exception:  # the count only feeds the ETA; the run reports list errors itself
-            return
-        if self.cfg.limit is not None:
-            n = min(n, self.cfg.limit)
-        stats = getattr(self, "stats", None)
-        if stats is not None and stats.m is not None:
-            stats.set(F.EXPECTED, n)
 
     def _loop(self) -> None:
         stopping_since: float | None = None
@@ -636,6 +630,11 @@ class Supervisor:
                         self.fatal = msg[1]
             except (EOFError, OSError):
                 pass
+        counter = getattr(self, "counter", None)
+        if counter is not None and counter.is_alive():
+            counter.kill()
+        if counter is not None:
+            counter.join(2.0)
         children = [*others, *([self.writer] if self.writer else [])]
         deadline = time.monotonic() + (5.0 if graceful else 0.5)
         for c in children:
@@ -654,3 +653,21 @@ class Supervisor:
         shutil.rmtree(self.cfg.output.tmp_dir, ignore_errors=True)
         if self.fatal:
             raise RunError(self.fatal)
+
+
+def count_main(lists: tuple[str, ...], subset: str | None, limit: int | None, layout: StatsLayout) -> None:
+    """Child process: count the rows of the run's lists for the progress total and ETA."""
+    from .proc import child_init
+
+    child_init("counter")
+    try:
+        n = inputs.count_rows(list(lists), subset=subset)
+    except inputs.ListError:
+        return  # the run reports list errors itself; the count only feeds the ETA
+    if limit is not None:
+        n = min(n, limit)
+    stats = Stats.attach(layout, None)
+    try:
+        stats.m[0, F.EXPECTED] = n  # a cell only this process writes
+    finally:
+        stats.close()
