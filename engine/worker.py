@@ -65,6 +65,7 @@ def worker_main(
     slab = Slab.attach(slab_name, slot_bytes)
     stats = Stats.attach(layout, Role.WORKER, index)
     stats.set(F.OWNED_SLOTS, len(slots))
+    stats.set(F.FREE_SLOTS, len(free))
     try:
         _loop(conn, cfg, slab, len(slots), free, stats, images, Board.of(stats).worker(index))
     except (EOFError, OSError):
