@@ -1,0 +1,201 @@
+"""Issue 5: the web UI in a real headless Chromium, driven over the DevTools protocol.
+
+The DevTools websocket is spoken with a minimal stdlib client (RFC 6455 text frames), so the
+test needs only Debian's ``chromium``: no Selenium, no Playwright, no driver binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import kill_tree_on_failure
+from obs_run import start_run
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0"]
+
+
+class DevTools:
+    """Just enough of a websocket client for Runtime.evaluate."""
+
+    def __init__(self, ws_url: str) -> None:
+        u = urlsplit(ws_url)
+        self.sock = socket.create_connection((u.hostname, u.port), timeout=20)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(4096)
+            assert chunk, "DevTools closed the connection during the handshake"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.buf = head.split(b"\r\n\r\n", 1)[1]
+        self.next_id = 0
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            assert chunk, "DevTools connection closed"
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def _recv(self) -> str:
+        parts = []
+        while True:
+            b0, b1 = self._read(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(n)  # the server never masks
+            parts.append(payload)
+            if b0 & 0x80:
+                return b"".join(parts).decode()
+
+    def call(self, method: str, **params: object) -> dict:
+        self.next_id += 1
+        data = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
+        mask = os.urandom(4)
+        n = len(data)
+        head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
+                                 if n < 65536 else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+        while True:
+            msg = json.loads(self._recv())
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, msg
+                return msg["result"]
+
+    def eval(self, expr: str) -> object:
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True)
+        assert "exceptionDetails" not in r, r
+        return r["result"].get("value")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+PAGE_STATE = """(() => {
+  const t = (id) => document.getElementById(id).textContent;
+  const imgs = [...document.querySelectorAll('#gallery img')];
+  return {status: t('status'), done: t('done'), todo: t('todo'), pct: t('pct'), eta: t('eta'), ok: t('ok'),
+          failed: t('failed'), ips: t('ips'), net: t('net'), disk: t('disk'), downloading: t('downloading'),
+          resizing: t('resizing'), transfers: document.querySelectorAll('#transfers tr').length,
+          failures: [...document.querySelectorAll('#recent-failed .reason')].map((e) => e.textContent),
+          recentOk: document.querySelectorAll('#recent-ok tr').length,
+          images: imgs.filter((i) => i.complete && i.naturalWidth > 0).map((i) => [i.alt, i.naturalWidth,
+                                                                                   i.naturalHeight]),
+          chartInk: (() => { const c = document.getElementById('chart-ips');
+                             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                             let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })()};
+})()"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.timeout(180)
+def test_web_ui_live_in_chromium(tmp_path: Path, corpus, server) -> None:
+    _, items = corpus
+    run = start_run(tmp_path, items, server, ["--ui", "none", "--web-port", "0"], ["web"])
+    browser = None
+    try:
+        url = run.urls["web"]
+        assert url.startswith("http://127.0.0.1:")
+        browser = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chrome'}", url],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert browser.stderr is not None
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = browser.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                port = int(m.group(1))
+        assert port, "chromium did not start its DevTools server"
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        page = next(t for t in targets if t.get("type") == "page" and t["url"].startswith(url))
+        dt = DevTools(page["webSocketDebuggerUrl"])
+        try:
+            deadline = time.monotonic() + 30
+            while dt.eval("document.readyState + ':' + !!document.getElementById('status')") != "complete:true":
+                assert time.monotonic() < deadline, "the page never loaded"
+                time.sleep(0.2)
+            states = []
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                s = dt.eval(PAGE_STATE)
+                states.append(s)
+                if (s["status"] == "live" and len(s["images"]) >= 3 and s["failures"]
+                        and len({x["done"] for x in states}) >= 3 and s["chartInk"] > 0):
+                    break
+                time.sleep(1.0)
+            first, last = states[0], states[-1]
+            assert last["status"] == "live", last
+            assert len({x["done"] for x in states}) >= 3, "the numbers never moved"
+            assert last["todo"] == str(len(items))
+            assert last["pct"].endswith("%") and last["eta"]
+            assert int(last["ok"].replace(",", "")) > 0
+            assert last["ips"] and last["net"].endswith("/s") and last["disk"].endswith("/s")
+            assert last["recentOk"] > 0
+            assert set(last["failures"]) <= {"truncated", "not_an_image", "empty", "size_mismatch", "md5_mismatch"}
+            # new images appeared, as small thumbnails (the smallest variant: 128 px), not originals
+            assert len(last["images"]) > len(first["images"])
+            assert all(max(w, h) <= 128 for _, w, h in last["images"]), last["images"]
+            assert last["chartInk"] > 0, "the rate chart drew nothing"
+            assert any(int(s["downloading"]) > 0 and s["transfers"] > 0 for s in states)
+        finally:
+            dt.close()
+    finally:
+        if browser is not None:
+            browser.terminate()
+            try:
+                browser.wait(10)
+            except subprocess.TimeoutExpired:
+                kill_tree_on_failure(browser)
+        assert run.stop() in (0, 130)
+
+
+def test_web_serves_only_recent_images(tmp_path: Path, corpus, server) -> None:
+    _, items = corpus
+    run = start_run(tmp_path, items, server, ["--ui", "none", "--web-port", "0"], ["web"], rate_bps=400_000)
+    try:
+        url = run.urls["web"]
+        deadline = time.monotonic() + 60
+        view: dict = {}
+        while time.monotonic() < deadline:
+            view = json.load(urllib.request.urlopen(url + "api/view", timeout=5))
+            if view.get("recent_ok"):
+                break
+            time.sleep(0.5)
+        name = view["recent_ok"][0]["name"]
+        with urllib.request.urlopen(url + "img/" + name, timeout=5) as r:
+            assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
+        for bad in ("img/..%2F..%2Fetc%2Fpasswd", "img/notanid", "img/" + "a" * 300, "nothing"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(url + bad, timeout=5)
+            assert e.value.code == 404
+        page = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert "EventSource" in page and "http://" not in page.replace(url, "")  # no CDN: nothing from outside
+    finally:
+        assert run.stop() in (0, 130)
