@@ -1,0 +1,1 @@
+"""Throughput regression harness for oidl-engine: ``python -m bench run`` (see bench/README.md)."""

@@ -1,0 +1,493 @@
+"""The scenarios: each measures the engine and what it is compared with, side by side, in one run.
+
+=============  ==================================================================================
+scenario       what is measured
+=============  ==================================================================================
+one-size       ``--sizes 256`` over the corpus from nginx: ceiling (engine pipeline in memory),
+               naive pyvips thumbnail, oidl-engine end to end, img2dataset (one run)
+three-sizes    ``--sizes 1024,512,256`` in one pass vs img2dataset's three runs, and the ceiling
+slow-hosts     the same files at ~100 KB/s per connection (nginx ``limit_rate``), ~12,000 images,
+               2,000 transfers in flight; the ceiling on a sample measured just before
+big-list       a 2M-row list: time to the first finished image, RSS over a fixed run window
+               (then Ctrl-C, which the engine drains gracefully)
+fetch-only     small files, ``--sizes ''``, originals kept: requests/s per fetcher process vs
+               wrk (or ``curl --parallel``) on the same server
+=============  ==================================================================================
+
+Ratios are taken within one run, scenario by scenario (the ceiling is re-measured right
+before the engine), because the machine is shared and absolute numbers drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import competitors
+from .ceiling import measure_ceiling
+from .measure import db_counts, db_failure_reasons, db_has_ok_row, process_cpu_s, run_measured, warm_page_cache
+from .servers import FileServer, start_server
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+SCENARIOS = ("one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only")
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    work_dir: Path  # corpora, lists and engine outputs (cached corpora are reused)
+    procs: int = 2
+    quality: int = 90
+    images: int = 2000  # one-size and three-sizes
+    slow_images: int = 12_000
+    slow_rate_bps: int = 100_000
+    slow_transfers: int = 2000
+    big_list_rows: int = 2_000_000
+    big_list_run_s: float = 45.0
+    big_list_after_first_s: float | None = None  # smoke: stop this long after the first image
+    fetch_images: int = 5000
+    ceiling_sample: int = 2000  # the most files the ceiling processes per scenario
+    #: engine per-host connection cap on the fast server; img2dataset gets as many threads
+    host_connections: int = 2 * competitors.I2D_THREADS_PER_PROC
+    img2dataset: bool = True
+    server: str = "nginx"  # nginx | loopback
+    smoke: bool = False
+
+    @staticmethod
+    def smoke_config(work_dir: Path, img2dataset: bool) -> "BenchConfig":
+        return BenchConfig(
+            work_dir=work_dir,
+            images=24,
+            slow_images=40,
+            slow_rate_bps=2_000_000,  # still throttled, but a smoke run must take seconds
+            slow_transfers=64,
+            big_list_rows=20_000,
+            big_list_run_s=30.0,
+            big_list_after_first_s=2.0,
+            fetch_images=120,
+            ceiling_sample=24,
+            img2dataset=img2dataset,
+            smoke=True,
+        )
+
+
+def _engine_exe() -> list[str]:
+    exe = Path(sys.executable).with_name("oidl-engine")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "engine.cli"]
+
+
+# -- corpora and lists ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Corpus:
+    root: Path
+    items: list[Any]  # engine.corpus.CorpusItem
+
+
+def photo_corpus(cfg: BenchConfig, n: int) -> Corpus:
+    """Photo-like JPEGs: ~70 % 1024x768, 30 % portrait, 10 % 2-4x larger (cached on disk)."""
+    from engine.corpus import make_corpus
+
+    root = cfg.work_dir / f"corpus-{n}"
+    return Corpus(root, make_corpus(root, n, seed=6, large_fraction=0.1))
+
+
+def small_corpus(cfg: BenchConfig, source: Corpus, n: int) -> Corpus:
+    """``n`` small JPEGs (~160 px, a few KB) for the fetch path: thumbnails of the photo corpus,
+    repeated under distinct names (the fetch path does not care whether two bodies are equal)."""
+    from engine.corpus import CorpusItem, md5_b64
+
+    # Under the photo corpus root, so the same server serves both.
+    root = source.root
+    sub = f"small-{n}"
+    manifest = root / sub / "small.json"
+    if manifest.exists():
+        try:
+            return Corpus(root, [CorpusItem(**d) for d in json.loads(manifest.read_text())])
+        except (ValueError, TypeError):
+            pass
+    import pyvips
+
+    (root / sub).mkdir(parents=True, exist_ok=True)
+    distinct = []
+    for item in source.items[: min(n, 200)]:
+        img = pyvips.Image.thumbnail(str(source.root / item.relpath), 160)
+        distinct.append((img.jpegsave_buffer(Q=85, keep="none"), img.width, img.height))
+    items = []
+    for i in range(n):
+        data, w, h = distinct[i % len(distinct)]
+        image_id = f"{0x5A11 << 48 | i:016x}"
+        relpath = f"{sub}/{image_id}.jpg"
+        (root / relpath).write_bytes(data)
+        items.append(CorpusItem(image_id, relpath, len(data), md5_b64(data), w, h, None))
+    manifest.write_text(json.dumps([asdict(i) for i in items]))
+    return Corpus(root, items)
+
+
+def write_list(path: Path, rows: Sequence[Any] | Callable[[], Any], url: Callable[[str], str], n: int | None = None) -> None:
+    """An Open Images images.csv for ``rows`` (CorpusItems), written streaming.
+
+    With ``n`` larger than ``len(rows)`` the rows cycle with fresh ImageIDs (the 2M-row list).
+    """
+    from engine.corpus import OPENIMAGES_COLUMNS
+
+    items = list(rows)  # type: ignore[arg-type]
+    total = len(items) if n is None else n
+    urls = [url(item.relpath) for item in items]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        f.write(",".join(OPENIMAGES_COLUMNS) + "\n")
+        lines = []
+        for i in range(total):
+            k = i % len(items)
+            item = items[k]
+            image_id = item.image_id if i < len(items) else f"{i:016x}"
+            u = urls[k]
+            lines.append(f"{image_id},train,{u},,,,,,{item.size},{item.md5_b64},{u}\n")
+            if len(lines) >= 10_000:
+                f.writelines(lines)
+                lines.clear()
+        f.writelines(lines)
+
+
+# -- engine runs ---------------------------------------------------------------------------
+
+
+def run_engine(
+    cfg: BenchConfig,
+    list_path: Path,
+    out_dir: Path,
+    sizes: str,
+    extra: Sequence[str] = (),
+    stop_after_s: float | None = None,
+    probe_first: bool = False,
+    stop_after_first_s: float | None = None,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [
+        *_engine_exe(),
+        "run",
+        str(list_path),
+        "--out",
+        str(out_dir),
+        "--sizes",
+        sizes,
+        "--procs",
+        str(cfg.procs),
+        "--quality",
+        str(cfg.quality),
+        "--ui",
+        "none",
+        *extra,
+    ]
+    db = out_dir / "oidl.sqlite"
+    result = run_measured(
+        cmd,
+        stop_after_s=stop_after_s,
+        first_done=(lambda: db_has_ok_row(db)) if probe_first else None,
+        stop_after_first_s=stop_after_first_s,
+    )
+    counts = db_counts(db)
+    out = result.as_json(counts.get("ok", 0))
+    out["rows"] = counts
+    if counts.get("failed"):
+        out["failure_reasons"] = db_failure_reasons(db)
+    out["cmd"] = " ".join(cmd)
+    if stop_after_s is not None:
+        out["_series"] = result.tree.series  # popped by the caller: RSS over the run window
+    if result.returncode not in (0, 130) or (stop_after_s is None and counts.get("failed")):
+        out["stderr_tail"] = result.stderr_tail
+    return out, counts
+
+
+def _ceiling(cfg: BenchConfig, corpus: Corpus, sizes: Sequence[int], mode: str = "pipeline") -> dict[str, Any]:
+    paths = [corpus.root / item.relpath for item in corpus.items[: cfg.ceiling_sample]]
+    return measure_ceiling(paths, sizes, cfg.quality, cfg.procs, mode).as_json()
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+# -- scenarios -----------------------------------------------------------------------------
+
+
+def scenario_resize(cfg: BenchConfig, server: FileServer, corpus: Corpus, sizes: Sequence[int], name: str) -> dict[str, Any]:
+    items = corpus.items[: cfg.images]
+    sub = Corpus(corpus.root, items)
+    list_path = cfg.work_dir / "lists" / f"{name}.csv"
+    write_list(list_path, items, server.url)
+    warm_page_cache([corpus.root / i.relpath for i in items])
+    result: dict[str, Any] = {"images": len(items), "sizes": list(sizes)}
+    result["ceiling"] = _ceiling(cfg, sub, sizes)
+    if len(sizes) == 1:
+        result["ceiling_thumbnail"] = _ceiling(cfg, sub, sizes, "thumbnail")
+    server_cpu0 = process_cpu_s(server.pids)
+    result["engine"], _ = run_engine(
+        cfg,
+        list_path,
+        cfg.work_dir / "out" / name,
+        ",".join(map(str, sizes)),
+        ["--max-host-connections", str(cfg.host_connections)],
+    )
+    result["engine"]["server_cpu_s"] = round(process_cpu_s(server.pids) - server_cpu0, 2)
+    eng_ips = result["engine"]["images_per_s"]
+    result["ratios"] = {"engine_vs_ceiling": _ratio(eng_ips, result["ceiling"]["images_per_s"])}
+    if cfg.img2dataset and competitors.img2dataset_binary() is not None:
+        urls = [server.url(i.relpath) for i in items]
+        runs = []
+        for size in sizes:  # img2dataset makes one size per run
+            server_cpu0 = process_cpu_s(server.pids)
+            run, ok = competitors.run_img2dataset(urls, cfg.work_dir / "i2d" / f"{name}-{size}", size, cfg.quality, cfg.procs)
+            j = run.as_json(ok)
+            j["server_cpu_s"] = round(process_cpu_s(server.pids) - server_cpu0, 2)
+            if run.returncode != 0 or ok < len(items):
+                j["stderr_tail"] = run.stderr_tail
+            runs.append(j)
+        wall = sum(r["wall_s"] for r in runs)
+        result["img2dataset"] = {
+            "runs": runs,
+            "wall_s": round(wall, 3),
+            "images": min(r["images"] for r in runs),
+            "images_per_s": round(len(items) / wall, 2),
+            "cpu_s": round(sum(r["cpu_s"] for r in runs), 2),
+            "cpu_ms_per_image": round(1000 * sum(r["cpu_s"] for r in runs) / max(1, len(items)), 2),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "peak_pss_mib": max(r["peak_pss_mib"] for r in runs),
+        }
+        result["ratios"]["engine_vs_img2dataset"] = _ratio(eng_ips, result["img2dataset"]["images_per_s"])
+    return result
+
+
+def scenario_slow_hosts(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> dict[str, Any]:
+    items = corpus.items[: cfg.slow_images]
+    list_path = cfg.work_dir / "lists" / "slow-hosts.csv"
+    write_list(list_path, items, lambda rel: server.url(rel, slow=True))
+    warm_page_cache([corpus.root / i.relpath for i in items])
+    result: dict[str, Any] = {
+        "images": len(items),
+        "sizes": [256],
+        "rate_bps_per_connection": server.slow_rate_bps,
+        "transfers": cfg.slow_transfers,
+    }
+    result["ceiling"] = _ceiling(cfg, Corpus(corpus.root, items), [256])
+    n = str(cfg.slow_transfers)
+    # Bodies in flight need ring space: 2,000 transfers of up to ~1 MB would not fit the default
+    # 256 MiB ring, and a transfer that finds no free slot waits for one.
+    ring_mb = max(256, math.ceil(cfg.slow_transfers * 0.35))
+    result["engine"], _ = run_engine(
+        cfg,
+        list_path,
+        cfg.work_dir / "out" / "slow-hosts",
+        "256",
+        ["--transfers", n, "--max-host-connections", n, "--max-connections", n, "--ring-mb", str(ring_mb)],
+    )
+    eng = result["engine"]
+    fetcher_cpu = eng["cpu_s_by_role"].get("oidl-fetcher", 0.0)
+    eng["fetcher_core_share"] = round(fetcher_cpu / eng["wall_s"], 3) if eng["wall_s"] else None
+    # The network alone bounds the rate too: transfers in flight / seconds per image.
+    mean_bytes = sum(i.size for i in items) / max(1, len(items))
+    result["network_bound_images_per_s"] = round(cfg.slow_transfers * server.slow_rate_bps / mean_bytes, 1)
+    result["ratios"] = {"engine_vs_ceiling": _ratio(eng["images_per_s"], result["ceiling"]["images_per_s"])}
+    return result
+
+
+def scenario_big_list(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> dict[str, Any]:
+    items = corpus.items[: min(len(corpus.items), 2000)]
+    list_path = cfg.work_dir / "lists" / "big-list.csv"
+    t0 = time.monotonic()
+    write_list(list_path, items, server.url, n=cfg.big_list_rows)
+    result: dict[str, Any] = {
+        "rows": cfg.big_list_rows,
+        "list_mib": round(list_path.stat().st_size / MIB, 1),
+        "list_write_s": round(time.monotonic() - t0, 2),
+        "run_window_s": cfg.big_list_run_s,
+    }
+    eng, _ = run_engine(
+        cfg,
+        list_path,
+        cfg.work_dir / "out" / "big-list",
+        "256",
+        ["--max-host-connections", str(cfg.host_connections)],
+        stop_after_s=cfg.big_list_run_s,
+        probe_first=True,
+        stop_after_first_s=cfg.big_list_after_first_s,
+    )
+    result["engine"] = eng
+    list_path.unlink(missing_ok=True)  # hundreds of MB, rewritten in seconds next time
+    return result
+
+
+def _flatness(series: Sequence[tuple[float, int, int]], after_s: float) -> dict[str, Any]:
+    """RSS early vs late in a run: flat memory means the late maximum is not above the early one."""
+    late = [s for s in series if s[0] >= after_s]
+    if len(late) < 4:
+        return {}
+    half = len(late) // 2
+    first = max(s[1] for s in late[:half])
+    second = max(s[1] for s in late[half:])
+    return {
+        "rss_first_half_mib": round(first / MIB, 1),
+        "rss_second_half_mib": round(second / MIB, 1),
+        "rss_growth_mib": round((second - first) / MIB, 1),
+    }
+
+
+def scenario_fetch_only(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> dict[str, Any]:
+    small = small_corpus(cfg, corpus, cfg.fetch_images)
+    list_path = cfg.work_dir / "lists" / "fetch-only.csv"
+    write_list(list_path, small.items, server.url)
+    warm_page_cache([small.root / i.relpath for i in small.items])
+    result: dict[str, Any] = {
+        "images": len(small.items),
+        "mean_bytes": round(sum(i.size for i in small.items) / max(1, len(small.items))),
+        "fetchers": 1,
+    }
+    eng, _ = run_engine(
+        cfg,
+        list_path,
+        cfg.work_dir / "out" / "fetch-only",
+        "",
+        ["--save-originals", "--fetchers", "1", "--max-host-connections", str(cfg.host_connections)],
+    )
+    fetcher_cpu = eng["cpu_s_by_role"].get("oidl-fetcher", 0.0)
+    eng["requests_per_s_per_fetcher"] = eng["images_per_s"]
+    eng["fetcher_cpu_us_per_request"] = round(1e6 * fetcher_cpu / max(1, eng["images"]), 1)
+    result["engine"] = eng
+    paths = ["/" + i.relpath for i in small.items]
+    duration = 1.0 if cfg.smoke else 8.0
+    ceiling = competitors.run_wrk(server.base_url(), paths, duration, cfg.host_connections)
+    tool = "wrk -t1"
+    if ceiling is None:
+        ceiling = competitors.run_curl_parallel([server.url(i.relpath) for i in small.items], cfg.host_connections)
+        tool = "curl --parallel"
+    if ceiling is not None:
+        result["network_ceiling"] = {"tool": tool, **{k: round(v, 1) for k, v in ceiling.items()}}
+        result["ratios"] = {
+            "engine_fetcher_vs_network_ceiling": _ratio(eng["requests_per_s_per_fetcher"], ceiling["requests_per_s"])
+        }
+    return result
+
+
+# -- the run -------------------------------------------------------------------------------
+
+GOALS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None], str, float], ...] = (
+    ("one-size", "engine / ceiling", lambda r: r["ratios"].get("engine_vs_ceiling"), ">=", 0.90),
+    ("one-size", "engine / img2dataset", lambda r: r["ratios"].get("engine_vs_img2dataset"), ">=", 1.4),
+    ("three-sizes", "engine / ceiling", lambda r: r["ratios"].get("engine_vs_ceiling"), ">=", 0.0),
+    ("three-sizes", "engine / img2dataset x3", lambda r: r["ratios"].get("engine_vs_img2dataset"), ">=", 2.0),
+    ("slow-hosts", "engine / ceiling", lambda r: r["ratios"].get("engine_vs_ceiling"), ">=", 0.85),
+    ("slow-hosts", "fetcher share of a core", lambda r: r["engine"].get("fetcher_core_share"), "<=", 0.10),
+    ("big-list", "first image done, s", lambda r: r["engine"].get("first_done_s"), "<=", 5.0),
+    ("big-list", "RSS growth in window, MiB", lambda r: r.get("memory", {}).get("rss_growth_mib"), "<=", 64.0),
+    ("fetch-only", "engine req/s per fetcher / wrk", lambda r: r.get("ratios", {}).get("engine_fetcher_vs_network_ceiling"), ">=", 0.0),
+)
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown table of the ratios and goals (goal 0 = reported, no target)."""
+    lines = ["| scenario | measure | value | goal | met |", "|---|---|---|---|---|"]
+    scen = results["scenarios"]
+    for name, label, get, op, goal in GOALS:
+        if name not in scen:
+            continue
+        try:
+            value = get(scen[name])
+        except (KeyError, TypeError):
+            value = None
+        if value is None:
+            lines.append(f"| {name} | {label} | n/a | {op} {goal:g} | - |")
+            continue
+        met = "-" if goal == 0.0 else ("yes" if (value >= goal if op == ">=" else value <= goal) else "**no**")
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        lines.append(f"| {name} | {label} | {shown} | {'' if goal == 0.0 else f'{op} {goal:g}'} | {met} |")
+    peak = results.get("peak_rss_mib")
+    if peak is not None:
+        lines.append(f"| all | peak RSS summed over processes, MiB | {peak:.0f} (PSS {results['peak_pss_mib']:.0f}) | <= 1024 | {'yes' if peak <= 1024 else '**no**'} |")
+    lines.append("")
+    lines.append("| scenario | ceiling img/s | engine img/s | img2dataset img/s | engine CPU ms/img | img2dataset CPU ms/img |")
+    lines.append("|---|---|---|---|---|---|")
+    for name in ("one-size", "three-sizes", "slow-hosts", "fetch-only"):
+        r = scen.get(name)
+        if not r:
+            continue
+        c = r.get("ceiling", {}).get("images_per_s", "")
+        e = r["engine"]
+        i = r.get("img2dataset", {})
+        lines.append(
+            f"| {name} | {c} | {e['images_per_s']} | {i.get('images_per_s', '')} | {e['cpu_ms_per_image']} | {i.get('cpu_ms_per_image', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def run(cfg: BenchConfig, scenarios: Sequence[str], log: Callable[[str], None] = print) -> dict[str, Any]:
+    cfg.work_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.img2dataset and not cfg.smoke:
+        log("img2dataset: checking its venv (installs once into bench/.venv-i2d)")
+        competitors.ensure_img2dataset()
+    started = time.time()
+    n_photos = max(cfg.images, cfg.slow_images if "slow-hosts" in scenarios else 0)
+    log(f"corpus: {n_photos} photo-like JPEGs under {cfg.work_dir} (cached after the first run)")
+    t0 = time.monotonic()
+    corpus = photo_corpus(cfg, n_photos)
+    log(f"corpus ready in {time.monotonic() - t0:.1f} s")
+    results: dict[str, Any] = {
+        "started_unix": round(started),
+        "smoke": cfg.smoke,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "scenarios": {},
+    }
+    server, note = start_server(corpus.root, cfg.slow_rate_bps, cfg.server)
+    results["server"] = server.kind
+    if note:
+        results["server_note"] = note
+        log(f"NOTE: {note}")
+    try:
+        for name in scenarios:
+            log(f"scenario {name} ...")
+            t = time.monotonic()
+            if name == "one-size":
+                r = scenario_resize(cfg, server, corpus, [256], name)
+            elif name == "three-sizes":
+                r = scenario_resize(cfg, server, corpus, [1024, 512, 256], name)
+            elif name == "slow-hosts":
+                r = scenario_slow_hosts(cfg, server, corpus)
+            elif name == "big-list":
+                r = scenario_big_list(cfg, server, corpus)
+                series = r["engine"].pop("_series", [])
+                window = series[-1][0] if series else 0.0
+                r["memory"] = _flatness(series, window / 4)  # after the rings and queues fill
+                step = max(1, len(series) // 40)
+                r["rss_series_mib"] = [(t, round(rss / MIB)) for t, rss, _ in series[::step]]
+            elif name == "fetch-only":
+                r = scenario_fetch_only(cfg, server, corpus)
+            else:
+                raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+            r["scenario_s"] = round(time.monotonic() - t, 1)
+            results["scenarios"][name] = r
+            log(f"  done in {r['scenario_s']} s: {json.dumps(r.get('ratios', {}))}")
+    finally:
+        server.stop()
+    engines = [r["engine"] for r in results["scenarios"].values() if "engine" in r]
+    if engines:
+        results["peak_rss_mib"] = max(e["peak_rss_mib"] for e in engines)
+        results["peak_pss_mib"] = max(e["peak_pss_mib"] for e in engines)
+    results["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["table"] = table(results)
+    return results

@@ -1,0 +1,246 @@
+"""Running a command under measurement: wall clock, CPU, memory of its whole process tree.
+
+- wall clock: from just before ``Popen`` to the exit of the command (start-up included);
+- CPU: ``getrusage(RUSAGE_CHILDREN)`` before and after, which covers every descendant that
+  was waited for (the engine's supervisor joins all its children), so nothing is missed
+  between samples; per-role CPU comes from the last psutil sample of each process;
+- memory: psutil samples of the tree every ``interval_s``, summed over processes: RSS (what
+  the issue's goal names; shared-memory pages are counted once per process that touched
+  them) and PSS (shared pages split between their users: the honest sum).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import psutil
+
+_ROLE_RE = re.compile(r"-\d+$")
+
+
+@dataclass
+class TreeStats:
+    peak_rss_bytes: int = 0
+    peak_pss_bytes: int = 0
+    peak_procs: int = 0
+    #: (seconds since start, summed RSS, summed PSS) per sample
+    series: list[tuple[float, int, int]] = field(default_factory=list)
+    #: last CPU seconds seen per process, keyed by pid; role = comm without a trailing -N
+    cpu_by_pid: dict[int, tuple[str, float]] = field(default_factory=dict)
+
+    def cpu_by_role(self) -> dict[str, float]:
+        roles: dict[str, float] = {}
+        for name, cpu in self.cpu_by_pid.values():
+            role = _ROLE_RE.sub("", name)
+            roles[role] = roles.get(role, 0.0) + cpu
+        return {k: round(v, 2) for k, v in sorted(roles.items())}
+
+
+class TreeSampler(threading.Thread):
+    """Samples the memory and CPU of ``pid`` and all its descendants until stopped."""
+
+    def __init__(self, pid: int, interval_s: float = 0.25, t0: float | None = None) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.interval_s = interval_s
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.stats = TreeStats()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop_event.is_set():
+            self.sample(root)
+            self._stop_event.wait(self.interval_s)
+
+    def sample(self, root: psutil.Process) -> None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        rss = pss = 0
+        for p in procs:
+            try:
+                with p.oneshot():
+                    info = p.memory_full_info()
+                    cpu = p.cpu_times()
+                    name = p.name()
+            except psutil.Error:
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+            self.stats.cpu_by_pid[p.pid] = (name, cpu.user + cpu.system)
+        s = self.stats
+        s.peak_rss_bytes = max(s.peak_rss_bytes, rss)
+        s.peak_pss_bytes = max(s.peak_pss_bytes, pss)
+        s.peak_procs = max(s.peak_procs, len(procs))
+        s.series.append((round(time.monotonic() - self.t0, 2), rss, pss))
+
+    def stop(self) -> TreeStats:
+        self._stop_event.set()
+        self.join()
+        return self.stats
+
+
+@dataclass
+class RunResult:
+    cmd: list[str]
+    returncode: int
+    wall_s: float
+    cpu_s: float
+    tree: TreeStats
+    first_done_s: float | None = None  # time to the first finished image, where probed
+    stderr_tail: str = ""
+
+    def as_json(self, images: int) -> dict[str, Any]:
+        return {
+            "returncode": self.returncode,
+            "wall_s": round(self.wall_s, 3),
+            "images": images,
+            "images_per_s": round(images / self.wall_s, 2) if self.wall_s > 0 else 0.0,
+            "cpu_s": round(self.cpu_s, 2),
+            "cpu_ms_per_image": round(1000 * self.cpu_s / max(1, images), 2),
+            "peak_rss_mib": round(self.tree.peak_rss_bytes / 2**20, 1),
+            "peak_pss_mib": round(self.tree.peak_pss_bytes / 2**20, 1),
+            "peak_procs": self.tree.peak_procs,
+            "cpu_s_by_role": self.tree.cpu_by_role(),
+            **({"first_done_s": round(self.first_done_s, 3)} if self.first_done_s is not None else {}),
+        }
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout_s: float = 3600.0,
+    stop_after_s: float | None = None,
+    first_done: Callable[[], bool] | None = None,
+    stop_after_first_s: float | None = None,
+    interval_s: float = 0.25,
+) -> RunResult:
+    """Run ``cmd`` to completion (or SIGINT it after ``stop_after_s``) and measure it.
+
+    ``first_done`` is polled every 20 ms until it returns True, to time the first image;
+    with ``stop_after_first_s`` the run is stopped that long after it (smoke runs).
+    """
+    cpu0 = _children_cpu_s()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        list(cmd),
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    sampler = TreeSampler(proc.pid, interval_s, t0)
+    sampler.start()
+    stderr_chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    first_done_s: float | None = None
+    try:
+        deadline = t0 + (stop_after_s if stop_after_s is not None else timeout_s)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if first_done is not None and first_done_s is None:
+                try:
+                    if first_done():
+                        first_done_s = time.monotonic() - t0
+                        if stop_after_first_s is not None:
+                            deadline = min(deadline, time.monotonic() + stop_after_first_s)
+                except Exception:
+                    pass  # e.g. the DB does not exist yet
+            time.sleep(0.02)
+        if proc.poll() is None:
+            # Ctrl-C: the engine drains and commits what is in flight, then exits.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        wall = time.monotonic() - t0
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        tree = sampler.stop()
+    reader.join(timeout=5)
+    tail = b"".join(stderr_chunks).decode(errors="replace")[-3000:]
+    return RunResult(list(cmd), proc.returncode, wall, _children_cpu_s() - cpu0, tree, first_done_s, tail)
+
+
+def db_counts(db_path: Path) -> dict[str, int]:
+    """Rows per status in an engine state DB (empty if there is none)."""
+    if not db_path.exists():
+        return {}
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+    try:
+        return {status: n for status, n in con.execute("SELECT status, count(*) FROM images GROUP BY status")}
+    finally:
+        con.close()
+
+
+def db_failure_reasons(db_path: Path) -> dict[str, int]:
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = con.execute("SELECT reason, count(*) FROM images WHERE status = 'failed' GROUP BY reason")
+        return {str(reason): n for reason, n in rows}
+    finally:
+        con.close()
+
+
+def db_has_ok_row(db_path: Path) -> bool:
+    if not db_path.exists():
+        return False
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)
+    try:
+        return con.execute("SELECT 1 FROM images WHERE status = 'ok' LIMIT 1").fetchone() is not None
+    finally:
+        con.close()
+
+
+def warm_page_cache(paths: Sequence[Path]) -> int:
+    """Read every file once so neither side of a comparison pays for the disk."""
+    total = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+    return total
+
+
+def process_cpu_s(pids: Sequence[int]) -> float:
+    """Current user+system CPU seconds of these processes (the server's own cost)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def env_without(names: Sequence[str]) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}

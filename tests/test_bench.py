@@ -1,0 +1,69 @@
+"""The benchmark harness's smoke mode: every scenario runs end to end and reports sane numbers.
+
+This keeps ``bench/`` from rotting; it says nothing about the engine's speed (the corpus is
+a few dozen images). img2dataset is left out: installing or starting it would dominate the
+test's time, and the full runs compare against it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(120)
+def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--smoke", "--no-img2dataset",
+         "--work-dir", str(tmp_path / "work"), "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    # nginx where it is installed, else the loopback fallback, which must say so.
+    nginx = shutil.which("nginx") or Path("/usr/sbin/nginx").exists()
+    assert result["server"] == ("nginx" if nginx else "loopback")
+    assert ("server_note" in result) == (not nginx)
+    scen = result["scenarios"]
+    assert set(scen) == {"one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only"}
+
+    for name in ("one-size", "three-sizes", "slow-hosts"):
+        r = scen[name]
+        sample = min(r["images"], result["config"]["ceiling_sample"])
+        assert r["ceiling"]["images"] == sample and r["ceiling"]["failed"] == 0, name
+        assert r["ceiling"]["images_per_s"] > 1, name
+        eng = r["engine"]
+        assert eng["returncode"] == 0, (name, eng.get("stderr_tail"))
+        assert eng["rows"] == {"ok": r["images"]}, (name, eng.get("failure_reasons"))
+        assert 0 < eng["wall_s"] < 60 and eng["images_per_s"] > 0, name
+        assert eng["cpu_ms_per_image"] > 0, name
+        # Supervisor, fetcher, writer and two workers at least, all sampled.
+        assert eng["peak_procs"] >= 5 and 50 < eng["peak_rss_mib"] < 4096, name
+        assert {"oidl-fetcher", "oidl-worker", "oidl-writer"} <= set(eng["cpu_s_by_role"]), name
+        assert 0 < r["ratios"]["engine_vs_ceiling"] < 5, name
+    assert scen["one-size"]["ceiling_thumbnail"]["images_per_s"] > 1
+
+    big = scen["big-list"]
+    assert big["rows"] == 20_000
+    assert big["engine"]["images"] > 0, big["engine"].get("stderr_tail")
+    assert 0 < big["engine"]["first_done_s"] < big["run_window_s"]
+    assert big["memory"]["rss_first_half_mib"] > 50
+
+    fetch = scen["fetch-only"]
+    assert fetch["engine"]["rows"] == {"ok": fetch["images"]}, fetch["engine"].get("failure_reasons")
+    assert fetch["engine"]["requests_per_s_per_fetcher"] > 0
+    assert fetch["network_ceiling"]["requests_per_s"] > 0
+
+    assert 0 < result["peak_rss_mib"] < 4096
+    assert "| one-size | engine / ceiling |" in result["table"]
