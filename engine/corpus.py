@@ -31,6 +31,8 @@ from typing import Sequence
 
 import pyvips
 
+from .inputs import OPENIMAGES_COLUMNS
+
 _MANIFEST = "corpus.json"
 _MANIFEST_VERSION = 1  # bump when the generator changes, so cached corpora are rebuilt
 _BASE_WIDTH, _BASE_HEIGHT = 1280, 960  # bases leave room for 1024x768 crops at varied offsets
@@ -64,19 +66,6 @@ _TITLES = (
     "IMG_{n:04d}.JPG",
     "Ålesund; harbour at 5 a.m.",
     "",
-)
-OPENIMAGES_COLUMNS = (
-    "ImageID",
-    "Subset",
-    "OriginalURL",
-    "OriginalLandingURL",
-    "License",
-    "AuthorProfileURL",
-    "Author",
-    "Title",
-    "OriginalSize",
-    "OriginalMD5",
-    "Thumbnail300KURL",
 )
 
 

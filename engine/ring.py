@@ -68,9 +68,7 @@ class Slab:
 
     @classmethod
     def create(cls, slots: int, slot_bytes: int) -> "Slab":
-        name = f"{SEGMENT_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
-        shm = shared_memory.SharedMemory(name=name, create=True, size=slots * slot_bytes)
-        return cls(shm, slot_bytes, owner=True)
+        return cls(new_segment(slots * slot_bytes), slot_bytes, owner=True)
 
     @classmethod
     def attach(cls, name: str, slot_bytes: int) -> "Slab":
@@ -127,17 +125,27 @@ class Slab:
             left -= take
 
     def close(self) -> None:
-        # Drop our exported view first, or SharedMemory.close() raises BufferError.
         self.buf = None  # type: ignore[assignment]
+        close_segment(self._shm, self.owner)
+
+
+def new_segment(size: int) -> shared_memory.SharedMemory:
+    """A new segment named after this process, so a later run can tell stale ones apart."""
+    name = f"{SEGMENT_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    return shared_memory.SharedMemory(name=name, create=True, size=size)
+
+
+def close_segment(shm: shared_memory.SharedMemory, owner: bool) -> None:
+    """Close our mapping (views must be dropped first) and, for the owner, unlink it."""
+    try:
+        shm.close()
+    except BufferError:  # a view is still exported; the mapping goes with the process
+        pass
+    if owner:
         try:
-            self._shm.close()
-        except BufferError:
+            shm.unlink()
+        except FileNotFoundError:
             pass
-        if self.owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
 
 
 def slots_needed(nbytes: int, slot_bytes: int) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 
 from .board import board_bytes
 from .errors import ALL_REASONS
+from .ring import close_segment, new_segment
 
 
 class F(enum.IntEnum):
@@ -110,11 +111,10 @@ class Stats:
 
     @classmethod
     def create(cls, fetchers: int, workers: int) -> "Stats":
-        name = f"oidl-{os.getpid()}-{os.urandom(4).hex()}"
-        layout = StatsLayout(name=name, fetchers=fetchers, workers=workers)
+        rows = StatsLayout("", fetchers, workers).rows
         # the board (engine.board: named in-flight items, recent rows) follows the matrix
-        size = layout.rows * N_FIELDS * 8 + board_bytes(fetchers, workers)
-        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        shm = new_segment(rows * N_FIELDS * 8 + board_bytes(fetchers, workers))
+        layout = StatsLayout(name=shm.name, fetchers=fetchers, workers=workers)
         s = cls(shm, layout, row=0, owner=True)
         s.m[:] = 0
         s.m[0, F.EXPECTED] = -1
@@ -171,16 +171,8 @@ class Stats:
 
     def close(self) -> None:
         self._r = None
-        self.m = None  # type: ignore[assignment]
-        try:
-            self._shm.close()
-        except BufferError:
-            pass
-        if self.owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        self.m = None  # type: ignore[assignment]  (numpy views must go before the mapping)
+        close_segment(self._shm, self.owner)
 
 
 def reason_counts(snapshot: np.ndarray) -> dict[str, int]:

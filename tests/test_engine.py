@@ -92,11 +92,11 @@ def test_retry_failed_and_no_subdirs(tmp_path: Path, corpus, server) -> None:
     assert server.stats()["total_requests"] == len(subset) - len(good)
 
 
-def _start_slow_run(tmp_path: Path, items, server, rate: int) -> tuple:
+def _start_slow_run(tmp_path: Path, items, server, rate: int, transfers: int = 4) -> tuple:
     lst = write_list(tmp_path / "images.csv", items, server.base_url, rate=str(rate))
     out = tmp_path / "out"
     # few transfers at a time, so the run is spread over seconds and a kill lands mid-way
-    proc = start_cli([*RUN, "--transfers", "4", lst, "--out", out])
+    proc = start_cli([*RUN, "--transfers", str(transfers), lst, "--out", out])
     return lst, out, proc
 
 
@@ -168,7 +168,7 @@ def test_graceful_signal_then_resume(tmp_path: Path, corpus, server, sig: int) -
 
 def test_worker_sigkill_loses_nothing(tmp_path: Path, corpus, server) -> None:
     _, items = corpus
-    lst, out, proc = _start_slow_run(tmp_path, items, server, rate=1_000_000)
+    lst, out, proc = _start_slow_run(tmp_path, items, server, rate=500_000, transfers=2)
     try:
         _wait_some_done(out, proc, 2)
         workers = child_pids(proc.pid, "oidl-worker")

@@ -29,20 +29,9 @@ from engine.inputs import (
     md5_b64_to_hex,
     url_image_id,
 )
+from engine.inputs import OPENIMAGES_COLUMNS
 
-V3_COLUMNS = [
-    "ImageID",
-    "Subset",
-    "OriginalURL",
-    "OriginalLandingURL",
-    "License",
-    "AuthorProfileURL",
-    "Author",
-    "Title",
-    "OriginalSize",
-    "OriginalMD5",
-    "Thumbnail300KURL",
-]
+V3_COLUMNS = list(OPENIMAGES_COLUMNS)
 V4_COLUMNS = V3_COLUMNS + ["Rotation"]
 SPLITS = ("train", "validation", "test")
 
