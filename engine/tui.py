@@ -13,156 +13,160 @@ import datetime as _dt
 import sys
 
 from rich.console import Console, Group
-from rich.layout import Layout
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from .report import human_bytes, human_duration
 
+# Every panel is a Text of pre-formatted lines: rich Tables re-measure every cell on every
+# frame (a 50-line screen of tables cost ~50-100 ms of CPU per frame; this costs a few ms).
 
-def _pct_bar(pct: float | None, width: int = 20) -> ProgressBar:
+
+def _bar(pct: float | None, width: int) -> str:
     if pct is None:
-        return ProgressBar(total=None, width=width, pulse=True)
-    return ProgressBar(total=100.0, completed=pct, width=width)
+        return "·" * width
+    full = int(round(width * min(100.0, max(0.0, pct)) / 100))
+    return "━" * full + "╌" * (width - full)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
 def _eta(v: dict) -> str:
     return human_duration(v["eta_s"]) if v.get("eta_s") is not None else "?"
 
 
-def _header(v: dict) -> Panel:
+def _lines(rows: list[tuple[str, str]], fill: int = 0) -> Text:
+    t = Text(no_wrap=True, overflow="ellipsis")
+    for i, (line, style) in enumerate(rows):
+        if i:
+            t.append("\n")
+        t.append(line, style=style)
+    for _ in range(max(0, fill - len(rows))):
+        t.append("\n")
+    return t
+
+
+def _header(v: dict, width: int) -> Panel:
     done, todo = v["done"], v.get("todo")
     total = f"{done:,}/{todo:,}" if todo is not None else f"{done:,}/counting…"
     pct = v.get("pct")
-    top = Table.grid(padding=(0, 2), expand=True)
-    top.add_column(ratio=1)
-    top.add_column(justify="right")
-    top.add_row(
-        ProgressBar(total=100.0, completed=pct or 0.0),
-        Text(f"{pct if pct is not None else 0:5.1f}%  {total}  ETA {_eta(v)}", style="bold"),
-    )
-    line = Text.assemble(
-        ("ok ", "green"), (f"{v['ok']:,}", "bold green"), "   ",
-        ("failed ", "red"), (f"{v['failed']:,}", "bold red"), "   ",
-        ("skipped ", "dim"), f"{v['skipped']:,}", "   ",
-        ("elapsed ", "dim"), human_duration(v["elapsed_s"]),
-    )
-    return Panel(Group(top, line), title="oidl-engine", border_style="cyan")
+    right = f" {pct if pct is not None else 0:5.1f}%  {total}  ETA {_eta(v)}"
+    bar = _bar(pct or 0.0, max(10, width - 4 - len(right)))
+    t = Text(no_wrap=True)
+    t.append(bar, style="cyan")
+    t.append(right, style="bold")
+    t.append("\n")
+    t.append("ok ", style="green")
+    t.append(f"{v['ok']:,}", style="bold green")
+    t.append("   failed ", style="red")
+    t.append(f"{v['failed']:,}", style="bold red")
+    t.append(f"   skipped {v['skipped']:,}   elapsed {human_duration(v['elapsed_s'])}", style="dim")
+    return Panel(t, title="oidl-engine", border_style="cyan")
 
 
-def _rates(v: dict) -> Panel:
-    t = Table.grid(padding=(0, 1))
-    t.add_column(style="dim")
-    t.add_column(justify="right", style="bold")
-    t.add_row("images/s", f"{v['images_per_s']:.1f}")
-    t.add_row("network/s", human_bytes(v["net_bps"]))
-    t.add_row("disk/s", human_bytes(v["disk_bps"]))
-    t.add_row("downloaded", human_bytes(v["downloaded_bytes"]))
-    t.add_row("written", human_bytes(v["written_bytes"]))
-    t.add_row("downloading", str(v["downloads_in_progress"]))
-    t.add_row("resizing", str(v["resizes_in_progress"]))
-    t.add_row("retries", str(v["retries"]))
-    return Panel(t, title="rates", border_style="blue")
+def _kv(rows: list[tuple[str, str]], key_w: int = 12, fill: int = 0) -> Text:
+    return _lines([(f"{k:<{key_w}} {val:>10}", "") for k, val in rows], fill)
 
 
-def _pipeline(v: dict) -> Panel:
-    t = Table.grid(padding=(0, 1))
-    t.add_column(style="dim")
-    t.add_column(justify="right")
+def _rates(v: dict, fill: int) -> Panel:
+    return Panel(_kv([
+        ("images/s", f"{v['images_per_s']:.1f}"),
+        ("network/s", human_bytes(v["net_bps"])),
+        ("disk/s", human_bytes(v["disk_bps"])),
+        ("downloaded", human_bytes(v["downloaded_bytes"])),
+        ("written", human_bytes(v["written_bytes"])),
+        ("downloading", str(v["downloads_in_progress"])),
+        ("resizing", str(v["resizes_in_progress"])),
+        ("retries", str(v["retries"])),
+    ], fill=fill), title="rates", border_style="blue")
+
+
+def _pipeline(v: dict, fill: int) -> Panel:
     q = v["queues"]
-    t.add_row("wait fetch", str(q["fetch"]))
-    t.add_row("wait worker", str(q["worker"]))
-    t.add_row("wait writer", str(q["writer"]))
+    rows = [("wait fetch", str(q["fetch"])), ("wait worker", str(q["worker"])), ("wait writer", str(q["writer"]))]
     for r in v["rings"]:
         pct = 100.0 * r["used"] / r["slots"] if r["slots"] else 0.0
-        t.add_row(f"ring {r['process']}", Text(f"{pct:3.0f}%", style="red" if pct > 90 else ""))
-    return Panel(t, title="queues & rings", border_style="blue")
+        rows.append((f"ring {r['process']}", f"{pct:3.0f}%"))
+    return Panel(_kv(rows, key_w=15, fill=fill), title="queues & rings", border_style="blue")
 
 
-def _procs(v: dict) -> Panel:
-    t = Table(box=None, padding=(0, 1), show_edge=False)
-    t.add_column("process", style="dim")
-    t.add_column("CPU", justify="right")
-    t.add_column("RSS", justify="right")
-    for p in v["processes"]:
-        t.add_row(p["name"], f"{p['cpu_pct']:.0f}%", human_bytes(p["rss"]))
-    return Panel(t, title="processes", border_style="blue")
+def _procs(v: dict, fill: int) -> Panel:
+    rows = [(f"{'process':<11} {'CPU':>5} {'RSS':>9}", "dim")]
+    rows += [(f"{p['name']:<11} {p['cpu_pct']:4.0f}% {human_bytes(p['rss']):>9}", "") for p in v["processes"]]
+    return Panel(_lines(rows, fill), title="processes", border_style="blue")
 
 
-def _reasons(v: dict) -> Panel:
-    t = Table(box=None, padding=(0, 1), show_edge=False)
-    t.add_column("reason", style="red")
-    t.add_column("rows", justify="right")
-    for r, n in sorted(v["reasons"].items(), key=lambda kv: -kv[1]):
-        t.add_row(r, f"{n:,}")
-    return Panel(t, title="failures by reason", border_style="red")
+def _reasons(v: dict, fill: int) -> Panel:
+    rows = [(f"{r:<16} {n:>8,}", "red") for r, n in sorted(v["reasons"].items(), key=lambda kv: -kv[1])]
+    return Panel(_lines(rows[:fill] or [("none", "dim")], fill), title="failures by reason", border_style="red")
 
 
-def _downloads(v: dict) -> Panel:
-    t = Table(box=None, padding=(0, 1), show_edge=False, expand=True)
-    t.add_column("image", no_wrap=True, ratio=2)
-    t.add_column("", width=20)
-    t.add_column("%", justify="right", width=5)
-    t.add_column("bytes", justify="right", width=9)
-    t.add_column("age", justify="right", width=5)
-    for d in v["transfers"]:
+def _downloads(v: dict, rows: int, width: int) -> Panel:
+    name_w = max(8, width - 4 - 20 - 28)
+    lines = [(f"{'image':<{name_w}} {'':20} {'%':>5} {'bytes':>10} {'age':>7}", "dim")]
+    for d in v["transfers"][:rows]:
         pct = d["pct"]
-        t.add_row(d["name"], _pct_bar(pct), f"{pct:.0f}%" if pct is not None else "?", human_bytes(d["bytes"]),
-                  f"{d['age_s']:.1f}s")
-    n = v["downloads_in_progress"]
-    return Panel(t, title=f"downloads in progress ({n})", border_style="green")
+        lines.append((f"{_cut(d['name'], name_w):<{name_w}} {_bar(pct, 20)} "
+                      f"{(f'{pct:.0f}%' if pct is not None else '?'):>5} {human_bytes(d['bytes']):>10} "
+                      f"{d['age_s']:6.1f}s", ""))
+    return Panel(_lines(lines, rows + 1), title=f"downloads in progress ({v['downloads_in_progress']})",
+                 border_style="green")
 
 
-def _resizes(v: dict) -> Panel:
-    t = Table(box=None, padding=(0, 1), show_edge=False, expand=True)
-    t.add_column("worker", width=7)
-    t.add_column("image", no_wrap=True, ratio=1)
-    t.add_column("bytes", justify="right", width=9)
-    t.add_column("for", justify="right", width=6)
+def _resizes(v: dict, width: int) -> Panel:
+    name_w = max(8, width - 4 - 30)
+    lines = [(f"{'worker':<7} {'image':<{name_w}} {'bytes':>10} {'for':>9}", "dim")]
     for r in v["resizes"]:
-        t.add_row(str(r["worker"]), r["name"], human_bytes(r["bytes"]), f"{r['age_s'] * 1000:.0f}ms")
-    return Panel(t, title=f"resizes in progress ({v['resizes_in_progress']})", border_style="green")
+        lines.append((f"{r['worker']:<7} {_cut(r['name'], name_w):<{name_w}} {human_bytes(r['bytes']):>10} "
+                      f"{r['age_s'] * 1000:7.0f}ms", ""))
+    return Panel(_lines(lines), title=f"resizes in progress ({v['resizes_in_progress']})", border_style="green")
 
 
 def _clock(t: float) -> str:
     return _dt.datetime.fromtimestamp(t).strftime("%H:%M:%S")
 
 
-def _recent_ok(v: dict) -> Panel:
-    t = Table(box=None, padding=(0, 1), show_edge=False, expand=True)
-    t.add_column("time", width=8, style="dim")
-    t.add_column("image", no_wrap=True, ratio=1)
-    t.add_column("size", justify="right", width=9)
-    t.add_column("pixels", justify="right", width=10)
-    for r in v["recent_ok"]:
-        t.add_row(_clock(r["t"]), r["name"], human_bytes(r["bytes"]), f"{r['width']}x{r['height']}")
-    return Panel(t, title=f"last {len(v['recent_ok'])} successful", border_style="green")
+def _recent_ok(v: dict, rows: int, width: int) -> Panel:
+    name_w = max(8, width - 4 - 32)
+    lines = [(f"{'time':<8} {'image':<{name_w}} {'size':>10} {'pixels':>11}", "dim")]
+    for r in v["recent_ok"][:rows]:
+        lines.append((f"{_clock(r['t'])} {_cut(r['name'], name_w):<{name_w}} {human_bytes(r['bytes']):>10} "
+                      f"{r['width']:>5}x{r['height']:<5}", ""))
+    return Panel(_lines(lines, rows + 1), title=f"last {len(v['recent_ok'])} successful", border_style="green")
 
 
-def _recent_failed(v: dict) -> Panel:
-    t = Table(box=None, padding=(0, 1), show_edge=False, expand=True)
-    t.add_column("time", width=8, style="dim")
-    t.add_column("image", no_wrap=True, ratio=1)
-    t.add_column("reason", style="red", no_wrap=True)
-    t.add_column("detail", no_wrap=True, ratio=2, style="dim")
-    for r in v["recent_failed"]:
-        t.add_row(_clock(r["t"]), r["name"], r["reason"] or "?", r["text"])
-    return Panel(t, title=f"last {len(v['recent_failed'])} failed", border_style="red")
+def _recent_failed(v: dict, rows: int, width: int) -> Panel:
+    name_w = 18
+    lines = [(f"{'time':<8} {'image':<{name_w}} {'reason':<14} detail", "dim")]
+    for r in v["recent_failed"][:rows]:
+        text = f"{_clock(r['t'])} {_cut(r['name'], name_w):<{name_w}} {(r['reason'] or '?'):<14} {r['text']}"
+        lines.append((_cut(text, max(10, width - 4)), "red"))
+    return Panel(_lines(lines, rows + 1), title=f"last {len(v['recent_failed'])} failed", border_style="red")
 
 
-def build(v: dict) -> Layout:
-    """The whole screen for one view (pure: testable without a terminal)."""
-    root = Layout()
-    mid_rows = max(10, 4 + max(len(v["processes"]), len(v["rings"]) + 3, len(v["reasons"])))
-    root.split_column(Layout(_header(v), size=4), Layout(name="mid", size=mid_rows), Layout(name="bottom"))
-    root["mid"].split_row(Layout(_rates(v)), Layout(_pipeline(v)), Layout(_procs(v)), Layout(_reasons(v)))
-    root["bottom"].split_row(Layout(name="left"), Layout(name="right"))
-    root["left"].split_column(Layout(_downloads(v)), Layout(_resizes(v), size=max(4, len(v["resizes"]) + 3)))
-    root["right"].split_column(Layout(_recent_ok(v)), Layout(_recent_failed(v)))
-    return root
+def build(v: dict, height: int = 50, width: int = 160) -> Group:
+    """The whole screen for one view (pure: testable without a terminal); lists get the rows that fit."""
+    mid_fill = max(8, len(v["processes"]) + 1, len(v["rings"]) + 3)
+    bottom = max(8, height - 4 - (mid_fill + 2))
+    half = max(1, (bottom - 6) // 2)
+    col = width // 2
+    mid = Table.grid(expand=True)
+    for _ in range(4):
+        mid.add_column(ratio=1)
+    mid.add_row(_rates(v, mid_fill), _pipeline(v, mid_fill), _procs(v, mid_fill), _reasons(v, mid_fill))
+    resize_h = len(v["resizes"]) + 3
+    low = Table.grid(expand=True)
+    low.add_column(ratio=1)
+    low.add_column(ratio=1)
+    low.add_row(
+        Group(_downloads(v, max(1, bottom - resize_h - 3), col), _resizes(v, col)),
+        Group(_recent_ok(v, half, col), _recent_failed(v, half, col)),
+    )
+    return Group(_header(v, width), mid, low)
 
 
 class Tui:
@@ -178,7 +182,8 @@ class Tui:
         return self
 
     def render(self, view: dict) -> None:
-        self.live.update(build(view), refresh=True)
+        size = self.console.size
+        self.live.update(build(view, size.height, size.width), refresh=True)
 
     def __exit__(self, *exc: object) -> None:
         self.live.stop()
