@@ -268,7 +268,10 @@ def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
             servers.append(close)
             urls["web"] = url
     except OSError as e:
-        conn.send(("error", str(e)))
+        what = "the web UI" if "metrics" in urls else "metrics"
+        host, port = (cfg.web_host, cfg.web_port) if "metrics" in urls or cfg.metrics_port is None else (
+            cfg.metrics_host, cfg.metrics_port)
+        conn.send(("error", f"cannot serve {what} on {host}:{port}: {e.strerror or e}"))
         return
     conn.send(("ready", urls))
     stats: Stats | None = None
