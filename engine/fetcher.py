@@ -503,7 +503,11 @@ class Fetcher:
         if not self.paused:
             return
         if self.free:
-            waiting, self.paused = self.paused, []
+            # Copy and clear in place: every write callback holds a reference to this very
+            # list, and a transfer that pauses again inside pause(CONT) appends to it. Rebinding
+            # self.paused made that append land in the list being iterated: an endless loop.
+            waiting = self.paused[:]
+            self.paused.clear()
             for a in waiting:
                 if a.curl is not None:
                     a.curl.pause(pycurl.PAUSE_CONT)
