@@ -130,6 +130,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         help="apply the Open Images Rotation column (v4+) after EXIF orientation",
     )
     g.add_argument("--max-pixels", type=_positive(), default=100_000_000, help="pixel cap (decompression bombs)")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="any decoder warning fails the image as corrupt (default: an image that decodes completely is ok, "
+        "e.g. a JPEG with 'Corrupt JPEG data' warnings)",
+    )
     g.add_argument("--durable", action="store_true", help="fsync every file before its row is committed")
 
     g = p.add_argument_group("processes")
@@ -291,6 +297,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             png=a.png,
             background_rgb=a.background,
             apply_rotation=a.apply_rotation,
+            strict=a.strict,
         ),
         ring=RingConfig(slot_bytes=slot_bytes, fetch_slots=ring_slots),
         workers=a.procs,
