@@ -474,7 +474,12 @@ def _make_variants(
             out = out.rot(_ROT_FOR_TURNS[turns])
         _decodes += 1
         # Materialise here so decode errors surface here (and only here), not in an encoder.
-        return _to_srgb8(out).copy_memory()
+        out = _to_srgb8(out).copy_memory()
+        if fmt == "gif" and out.hasalpha() and out[out.bands - 1].min() == 255:
+            # libvips' GIF loader always adds an alpha band: an opaque GIF must not give
+            # 4-band PNG/AVIF outputs (a cheap check: this image is already in memory).
+            out = out.extract_band(0, n=out.bands - 1)
+        return out
 
     if len(cfg.variants) == 1:
         v = cfg.variants[0]
