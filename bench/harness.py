@@ -436,7 +436,7 @@ def run(cfg: BenchConfig, scenarios: Sequence[str], log: Callable[[str], None] =
         log("img2dataset: checking its venv (installs once into bench/.venv-i2d)")
         competitors.ensure_img2dataset()
     started = time.time()
-    n_photos = max(cfg.images, cfg.slow_images if "slow-hosts" in scenarios else 0)
+    n_photos = max(cfg.images, cfg.slow_images)  # one corpus for every scenario: cached once
     log(f"corpus: {n_photos} photo-like JPEGs under {cfg.work_dir} (cached after the first run)")
     t0 = time.monotonic()
     corpus = photo_corpus(cfg, n_photos)
@@ -480,6 +480,9 @@ def run(cfg: BenchConfig, scenarios: Sequence[str], log: Callable[[str], None] =
             else:
                 raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
             r["scenario_s"] = round(time.monotonic() - t, 1)
+            # The machine may be shared: a load average well above the core count means
+            # other work competed with this scenario (ratios suffer less than absolute rates).
+            r["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
             results["scenarios"][name] = r
             log(f"  done in {r['scenario_s']} s: {json.dumps(r.get('ratios', {}))}")
     finally:
