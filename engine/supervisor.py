@@ -24,6 +24,8 @@ import os
 import shutil
 import signal
 import sys
+import queue
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,6 +83,27 @@ class _Child:
     restarts: int = 0
     outstanding: int = 0  # worker: bodies sent, not done
     holds: set[int] = field(default_factory=set)  # seqs held by this child
+    # The routing loop must never block on a child: a fetcher blocked sending to us while we
+    # block sending to it (both pipe directions full) is a deadlock. So messages to a child
+    # go through an outbox drained by a thread of its own, and the loop keeps reading.
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    sender: threading.Thread | None = None
+
+    def start_sender(self) -> "_Child":
+        self.sender = threading.Thread(target=_drain_outbox, args=(self.conn, self.outbox), daemon=True)
+        self.sender.start()
+        return self
+
+    def close_outbox(self) -> None:
+        self.outbox.put(None)
+
+
+def _drain_outbox(conn: Connection, outbox: queue.SimpleQueue) -> None:
+    while (msg := outbox.get()) is not None:
+        try:
+            conn.send(msg)
+        except (OSError, ValueError):
+            return  # the child is gone; its sentinel tells the loop
 
 
 @dataclass
@@ -159,7 +182,7 @@ class Supervisor:
         p = self.ctx.Process(target=target, args=(*args[:1], child, *args[1:]), name=name, daemon=True)
         p.start()
         child.close()
-        return _Child(p, parent)
+        return _Child(p, parent).start_sender()
 
     def _free_in_range(self, rng: SlotRange) -> list[int]:
         """Slots of ``rng`` not held by any row downstream: what a (re)started child owns."""
@@ -196,7 +219,7 @@ class Supervisor:
         )
         p.start()
         child.close()
-        return _Child(p, parent)
+        return _Child(p, parent).start_sender()
 
     # -- feeding ------------------------------------------------------------------------
     def _iter_feed(self) -> Iterator[tuple[Row | BadRow, int]]:
@@ -385,10 +408,9 @@ class Supervisor:
 
     # -- message handling ---------------------------------------------------------------
     def _send(self, child: _Child, msg: tuple) -> None:
-        try:
-            child.conn.send(msg)
-        except (OSError, ValueError):
-            pass  # the child is dead; its sentinel tells us and its replacement gets the state
+        # Never blocks (see _Child.outbox). A dead child's messages are dropped with it; its
+        # replacement is given the state it needs.
+        child.outbox.put(msg)
 
     def _on_fetcher(self, i: int, msg: tuple) -> None:
         kind = msg[0]
@@ -456,6 +478,7 @@ class Supervisor:
         if child.restarts > _MAX_RESTARTS:
             raise RunError(f"{what} keeps dying (exit code {child.proc.exitcode}); giving up")
         log.warning("%s died (exit code %s); restarting it", what, child.proc.exitcode)
+        child.close_outbox()
         child.conn.close()
 
     def _on_death(self, kind: str, idx: int) -> None:
@@ -643,6 +666,9 @@ class Supervisor:
             if c.proc.is_alive():
                 c.proc.kill()
                 c.proc.join(2.0)
+            c.close_outbox()
+            if c.sender is not None:
+                c.sender.join(1.0)
             c.conn.close()
         if hasattr(self, "stats"):
             self.stats.close()
