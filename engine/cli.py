@@ -15,7 +15,6 @@ from .ring import RingConfig
 from .variants import DEFAULT_QUALITY, PipelineConfig, parse_sizes, parse_variant
 
 EXIT_OK = 0
-EXIT_FAILED_ROWS = 0  # failed rows are results, not errors: see `results`
 EXIT_USAGE = 2
 EXIT_RUN_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -320,7 +319,7 @@ def run_engine(cfg: RunConfig) -> int:
 
     from .monitor import Monitor, MonitorError
 
-    reporter = PlainReporter() if cfg.ui == "plain" else None
+    reporter = PlainReporter(every_s=cfg.progress_line_s) if cfg.ui == "plain" else None
     # TUI, web UI and exporter run in their own process, out of the supervisor's way.
     monitor = Monitor.for_run(cfg)
 

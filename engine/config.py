@@ -89,7 +89,7 @@ class RunConfig:
     retry_failed: bool = False
     #: give up on shutdown work after this long (SIGINT/SIGTERM)
     shutdown_grace_s: float = 10.0
-    #: a run with no progress for this long while work is outstanding is a bug: fail loudly
+    #: plain mode: seconds between progress lines
     progress_line_s: float = 5.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import TextIO
 
-from .stats import F, Stats, reason_counts
+from .stats import F, Stats
 
 
 def human_bytes(n: float) -> str:
@@ -96,6 +96,3 @@ def summary_text(ok: int, failed: int, skipped: int, reasons: dict[str, int], el
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {reason:<16} {n}")
     return "\n".join(lines)
-
-
-__all__ = ["PlainReporter", "Rates", "human_bytes", "human_duration", "reason_counts", "summary_text"]

@@ -139,8 +139,6 @@ class Supervisor:
         self.ok = 0
         self.failed = 0
         self.reasons: dict[str, int] = {}
-        self.recent_ok: deque[tuple[str, str]] = deque(maxlen=100)
-        self.recent_failed: deque[tuple[str, str, str]] = deque(maxlen=100)
 
     # -- set-up -------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -177,9 +175,10 @@ class Supervisor:
         self.fetchers = [self._spawn_fetcher(i) for i in range(nf)]
         self.workers = [self._spawn_worker(j) for j in range(nw)]
 
-    def _spawn(self, name: str, target: Callable, *args) -> _Child:  # noqa: ANN002
+    def _spawn(self, name: str, target: Callable, lead: tuple, *rest: object) -> _Child:
+        """Start ``target(*lead, conn, *rest)`` in a new process talking to us over ``conn``."""
         parent, child = self.ctx.Pipe(duplex=True)
-        p = self.ctx.Process(target=target, args=(*args[:1], child, *args[1:]), name=name, daemon=True)
+        p = self.ctx.Process(target=target, args=(*lead, child, *rest), name=name, daemon=True)
         p.start()
         child.close()
         return _Child(p, parent).start_sender()
@@ -198,28 +197,19 @@ class Supervisor:
     def _spawn_fetcher(self, i: int) -> _Child:
         rng = self.fetch_ranges[i]
         return self._spawn(
-            f"oidl-fetcher-{i}", fetcher_main, i, self.cfg.fetch, self.slab.name, self.slab.slot_bytes, rng,
+            f"oidl-fetcher-{i}", fetcher_main, (i,), self.cfg.fetch, self.slab.name, self.slab.slot_bytes, rng,
             self._free_in_range(rng), self.layout,
         )
 
     def _spawn_worker(self, j: int) -> _Child:
         rng = self.worker_ranges[j]
         return self._spawn(
-            f"oidl-worker-{j}", worker_main, j, self.cfg.pipeline, self.slab.name, self.slab.slot_bytes, rng,
+            f"oidl-worker-{j}", worker_main, (j,), self.cfg.pipeline, self.slab.name, self.slab.slot_bytes, rng,
             self._free_in_range(rng), self.layout,
         )
 
     def _spawn_writer(self) -> _Child:
-        parent, child = self.ctx.Pipe(duplex=True)
-        p = self.ctx.Process(
-            target=writer_main,
-            args=(child, self.cfg.output, self.slab.name, self.slab.slot_bytes, self.layout),
-            name="oidl-writer",
-            daemon=True,
-        )
-        p.start()
-        child.close()
-        return _Child(p, parent).start_sender()
+        return self._spawn("oidl-writer", writer_main, (), self.cfg.output, self.slab.name, self.slab.slot_bytes, self.layout)
 
     # -- feeding ------------------------------------------------------------------------
     def _iter_feed(self) -> Iterator[tuple[Row | BadRow, int]]:
@@ -300,7 +290,6 @@ class Supervisor:
                 self._finish_failed(r, Reason.BAD_URL, f"only http and https are fetched: {url[:200]}")
                 continue
             r.url = url
-            r.info = None
             jobs.append(FetchJob(r.seq, url, size, md5, self._local_original(item.image_id)))
         for job in jobs:
             self.rows[job.seq].fetcher = fetcher
@@ -394,15 +383,12 @@ class Supervisor:
                 self._return_slots(slots, self.worker_ranges, self.workers)
             rec = r.record
             assert rec is not None
-            key = rec.row.image_id
             if rec.row.status == "ok":
                 self.ok += 1
-                self.recent_ok.append((key, rec.row.url or ""))
             else:
                 self.failed += 1
                 reason = rec.row.reason or ""
                 self.reasons[reason] = self.reasons.get(reason, 0) + 1
-                self.recent_failed.append((key, reason, rec.row.detail or ""))
         if self.writer:
             self.writer.holds.difference_update(seqs)
 

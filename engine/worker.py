@@ -22,7 +22,7 @@ from typing import NamedTuple
 from .board import Board, WorkerBoard
 from .errors import Reason, RowFailed
 from .proc import child_init
-from .ring import Slab, SlotRange
+from .ring import Slab, SlotRange, slots_needed
 from .stats import HIST_PROCESS_BASE, F, Role, Stats, StatsLayout
 from .variants import PipelineConfig
 
@@ -122,7 +122,7 @@ def _store_outputs(
     conn: Connection, slab: Slab, owned: int, free: list[int], pending: deque, outputs  # noqa: ANN001
 ) -> tuple[OutputRef, ...]:
     sb = slab.slot_bytes
-    need_total = sum(-(-len(o.data) // sb) or 1 for o in outputs)
+    need_total = sum(slots_needed(len(o.data), sb) for o in outputs)
     if need_total > owned:
         raise RowFailed(Reason.TOO_LARGE, "encoded outputs larger than the worker's output ring")
     # Wait for the writer to hand slots back if needed (bounded: the writer never waits on us).
@@ -136,7 +136,7 @@ def _store_outputs(
             pending.append(msg)
     refs = []
     for o in outputs:
-        n = -(-len(o.data) // sb) or 1
+        n = slots_needed(len(o.data), sb)
         slots = [free.pop() for _ in range(n)]
         slab.write(slots, o.data)
         refs.append(OutputRef(o.variant, o.ext, tuple(slots), len(o.data), o.width, o.height))

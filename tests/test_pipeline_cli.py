@@ -13,8 +13,6 @@ import csv
 import hashlib
 import random
 import sqlite3
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,6 +20,7 @@ from typing import Callable, Iterator
 import pytest
 
 from conftest import run_cli
+from test_images import crafted_png, strip_segment
 from engine.corpus import md5_b64
 from engine.inputs import OPENIMAGES_COLUMNS
 from engine.loopback import LoopbackServer
@@ -115,27 +114,6 @@ def damaged_jpeg() -> bytes:
     mid = len(body) // 2
     body[mid : mid + 1024] = random.Random(1).randbytes(1024)
     return bytes(body)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def crafted_png(width: int, height: int, rows: int) -> bytes:
-    """An 8-bit gray PNG whose IHDR says width x height but whose IDAT holds ``rows`` rows."""
-    raw = b"".join(b"\x00" + bytes(width) for _ in range(rows))
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-        + png_chunk(b"IDAT", zlib.compress(raw, 9))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def strip_segment(data: bytes, marker: bytes) -> bytes:
-    pos = data.index(marker)
-    (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-    return data[:pos] + data[pos + 2 + length :]
 
 
 def rgba_png() -> tuple[bytes, list[list[float]]]:
