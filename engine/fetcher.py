@@ -168,6 +168,7 @@ class Fetcher:
         self.timer_due: float | None = None
         self.hosts: dict[str, _Host] = {}
         self.queues: dict[str, deque[_Attempt]] = {}
+        self.queued = 0  # rows in all per-host queues (summing them each loop turn is O(hosts))
         self.host_order: deque[str] = deque()
         self.parked: list[tuple[float, int, _Attempt]] = []
         self.active: dict[pycurl.Curl, _Attempt] = {}
@@ -343,10 +344,15 @@ class Fetcher:
         a = self.active.pop(c)
         self.multi.remove_handle(c)
         a.curl = None
-        self.hosts[a.host].active -= 1
+        h = self.hosts[a.host]
+        h.active -= 1
         if a in self.paused:
             self.paused.remove(a)
         self.handles.append(c)
+        if not h.active and not self.queues.get(a.host) and h.backoff_until <= time.monotonic():
+            # Forget idle hosts: a URL list can name millions of them, memory must not grow.
+            del self.hosts[a.host]
+            self.queues.pop(a.host, None)
         return a
 
     def _finish(self, c: pycurl.Curl, errno: int, errmsg: str) -> None:
@@ -420,7 +426,7 @@ class Fetcher:
         if a.attempts > cfg.max_retries:
             return False
         now = time.monotonic()
-        host = self.hosts[a.host]
+        host = self.hosts.setdefault(a.host, _Host())  # _release may have forgotten it
         delay = min(cfg.retry_max_s, cfg.retry_base_s * (2 ** (a.attempts - 1)))
         delay *= random.uniform(0.5, 1.0)  # jitter: retries of one burst do not come back together
         if reason in (Reason.HTTP_429, Reason.HTTP_5XX):
@@ -453,9 +459,12 @@ class Fetcher:
 
     # -- scheduling ---------------------------------------------------------------------
     def _enqueue(self, a: _Attempt) -> None:
+        if a.host not in self.hosts:
+            self.hosts[a.host] = _Host()
         q = self.queues.get(a.host)
         if q is None:
             q = self.queues[a.host] = deque()
+        self.queued += 1
         if not q:
             self.host_order.append(a.host)
         q.append(a)
@@ -463,11 +472,8 @@ class Fetcher:
     def _add_jobs(self, jobs: list[FetchJob]) -> None:
         self.outstanding_want = max(0, self.outstanding_want - len(jobs))
         for job in jobs:
-            host = urlsplit(job.url).netloc.lower()
-            if host not in self.hosts:
-                self.hosts[host] = _Host()
             self.jobs_held += 1
-            self._enqueue(_Attempt(job, host))
+            self._enqueue(_Attempt(job, urlsplit(job.url).netloc.lower()))
 
     def _start_more(self) -> None:
         budget = self.transfers - len(self.active)
@@ -483,6 +489,7 @@ class Fetcher:
                 skipped += 1
                 continue
             a = q.popleft()
+            self.queued -= 1
             if not q:
                 order.popleft()
             else:
@@ -525,9 +532,8 @@ class Fetcher:
             self._enqueue(victim)
 
     def _want_more(self) -> None:
-        queued = sum(len(q) for q in self.queues.values())
         target = 2 * self.transfers
-        held = queued + len(self.active) + len(self.parked) + self.outstanding_want
+        held = self.queued + len(self.active) + len(self.parked) + self.outstanding_want
         if held < target and not self.stopping:
             n = target - held
             if n >= max(1, self.transfers // 4) or held == 0:
@@ -598,7 +604,7 @@ class Fetcher:
             stats.add(F.DOWNLOADED_BYTES, self.dl_bytes)
             self.dl_bytes = 0
             stats.set(F.DOWNLOADS_IN_PROGRESS, len(self.active))
-            stats.set(F.PARKED, len(self.parked) + sum(len(q) for q in self.queues.values()))
+            stats.set(F.PARKED, len(self.parked) + self.queued)
             stats.set(F.FREE_SLOTS, len(self.free))
             stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
             self.board.publish(self.active.values(), now)
