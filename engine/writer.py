@@ -123,9 +123,8 @@ class Writer:
                     if not batch:
                         oldest = time.monotonic()
                     batch.extend(msg[1])
-                    if len(batch) < cfg.batch_rows:
-                        continue
-            if batch and (len(batch) >= cfg.batch_rows or time.monotonic() - oldest >= cfg.batch_s or not self.conn.poll()):
+            # one transaction per batch_rows rows or per batch_s seconds, whichever comes first
+            if batch and (len(batch) >= cfg.batch_rows or time.monotonic() - oldest >= cfg.batch_s):
                 self.flush(batch)
                 batch = []
             self.stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
