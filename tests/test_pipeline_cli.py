@@ -15,12 +15,12 @@ import random
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
 from conftest import run_cli
-from test_images import crafted_png, strip_segment
+from test_images import STORE_FOR_ORIENTATION, crafted_png, jpeg, solid, strip_segment
 from engine.corpus import md5_b64
 from engine.inputs import OPENIMAGES_COLUMNS
 from engine.loopback import LoopbackServer
@@ -46,24 +46,9 @@ NAMES = {
 }
 COMMON = ["run", "--procs", "2", "--ui", "none", "--max-retries", "0", "--background", ",".join(map(str, BACKGROUND))]
 
-# How each EXIF orientation stores the upright image (the inverse of what a viewer applies).
-STORE_FOR_ORIENTATION: dict[int, Callable] = {
-    1: lambda im: im,
-    2: lambda im: im.flip("horizontal"),
-    3: lambda im: im.rot("d180"),
-    4: lambda im: im.flip("vertical"),
-    5: lambda im: im.rot("d90").flip("horizontal"),
-    6: lambda im: im.rot("d270"),
-    7: lambda im: im.rot("d270").flip("horizontal"),
-    8: lambda im: im.rot("d90"),
-}
 
 
 # -- image generators (see test_images.py) ---------------------------------------------------
-
-
-def solid(w: int, h: int, rgb: tuple[int, ...]) -> pyvips.Image:
-    return (pyvips.Image.black(w, h) + list(rgb)).cast("uchar").copy(interpretation="srgb")
 
 
 def patches(colours: list[tuple[int, int, int]]) -> pyvips.Image:
@@ -88,10 +73,6 @@ def card() -> pyvips.Image:
     top = solid(w // 2, h // 2, QUADS["tl"]).join(solid(w // 2, h // 2, QUADS["tr"]), "horizontal")
     bottom = solid(w // 2, h // 2, QUADS["bl"]).join(solid(w // 2, h // 2, QUADS["br"]), "horizontal")
     return top.join(bottom, "vertical")
-
-
-def jpeg(img: pyvips.Image, **kw: object) -> bytes:
-    return img.jpegsave_buffer(Q=95, subsample_mode="off", **kw)
 
 
 def oriented_jpeg(orientation: int) -> bytes:
