@@ -25,11 +25,13 @@ import shutil
 import signal
 import sys
 import queue
+import select
+import selectors
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Callable, Iterator
 
 from . import inputs, state
@@ -89,10 +91,17 @@ class _Child:
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     sender: threading.Thread | None = None
 
+    # Connection.poll() builds a selector per call; one poll object per child is one syscall.
+    poller: select.poll = field(default_factory=select.poll)
+
     def start_sender(self) -> "_Child":
+        self.poller.register(self.conn.fileno(), select.POLLIN)
         self.sender = threading.Thread(target=_drain_outbox, args=(self.conn, self.outbox), daemon=True)
         self.sender.start()
         return self
+
+    def readable(self) -> bool:
+        return bool(self.poller.poll(0))
 
     def close_outbox(self) -> None:
         self.outbox.put(None)
@@ -174,6 +183,12 @@ class Supervisor:
         self.writer = self._spawn_writer()
         self.fetchers = [self._spawn_fetcher(i) for i in range(nf)]
         self.workers = [self._spawn_worker(j) for j in range(nw)]
+        self.sel = selectors.EpollSelector()
+        self._watch(self.writer, "writer", 0)
+        for i, f in enumerate(self.fetchers):
+            self._watch(f, "fetcher", i)
+        for j, w in enumerate(self.workers):
+            self._watch(w, "worker", j)
 
     def _spawn(self, name: str, target: Callable, lead: tuple, *rest: object) -> _Child:
         """Start ``target(*lead, conn, *rest)`` in a new process talking to us over ``conn``."""
@@ -393,6 +408,18 @@ class Supervisor:
             self.writer.holds.difference_update(seqs)
 
     # -- message handling ---------------------------------------------------------------
+    def _watch(self, child: _Child, kind: str, idx: int) -> None:
+        """Listen to a child's messages and to its death, in the loop's one epoll."""
+        self.sel.register(child.conn.fileno(), selectors.EVENT_READ, (kind, idx, child))
+        self.sel.register(child.proc.sentinel, selectors.EVENT_READ, (kind + "-dead", idx, child))
+
+    def _unwatch(self, child: _Child) -> None:
+        for fd in (child.conn.fileno(), child.proc.sentinel):
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
     def _send(self, child: _Child, msg: tuple) -> None:
         # Never blocks (see _Child.outbox). A dead child's messages are dropped with it; its
         # replacement is given the state it needs.
@@ -464,6 +491,7 @@ class Supervisor:
         if child.restarts > _MAX_RESTARTS:
             raise RunError(f"{what} keeps dying (exit code {child.proc.exitcode}); giving up")
         log.warning("%s died (exit code %s); restarting it", what, child.proc.exitcode)
+        self._unwatch(child)
         child.close_outbox()
         child.conn.close()
 
@@ -478,6 +506,7 @@ class Supervisor:
             new = self._spawn_fetcher(idx)
             new.restarts = old.restarts
             self.fetchers[idx] = new
+            self._watch(new, "fetcher", idx)
         elif kind == "worker":
             old = self.workers[idx]
             self._restart(old, f"worker {idx}")
@@ -495,12 +524,14 @@ class Supervisor:
             new = self._spawn_worker(idx)
             new.restarts = old.restarts
             self.workers[idx] = new
+            self._watch(new, "worker", idx)
         else:
             assert self.writer is not None
             old = self.writer
             self._restart(old, "writer")
             self.writer = self._spawn_writer()
             self.writer.restarts = old.restarts
+            self._watch(self.writer, "writer", 0)
             resend = [self.rows[s].record for s in sorted(old.holds) if s in self.rows]
             self.to_writer = [rec for rec in resend if rec is not None] + self.to_writer
 
@@ -549,6 +580,7 @@ class Supervisor:
                 stopping_since = time.monotonic()
                 for f in self.fetchers:
                     self._send(f, ("stop",))
+                    self._unwatch(f)  # their bodies and deaths no longer matter
                 # rows still waiting to be fetched are abandoned: the next run does them
                 for f in self.fetchers:
                     for seq in f.holds:
@@ -570,29 +602,15 @@ class Supervisor:
                 return
             self._dispatch_bodies()
             self._flush_writer()
-            conns: dict[object, tuple[str, int]] = {}
-            for i, c in enumerate(self.fetchers):
-                if stopping_since is None:
-                    conns[c.conn] = ("fetcher", i)
-                    conns[c.proc.sentinel] = ("fetcher-dead", i)
-            for j, c in enumerate(self.workers):
-                conns[c.conn] = ("worker", j)
-                conns[c.proc.sentinel] = ("worker-dead", j)
-            assert self.writer is not None
-            conns[self.writer.conn] = ("writer", 0)
-            conns[self.writer.proc.sentinel] = ("writer-dead", 0)
-            ready = wait(list(conns), timeout=0.2)
             dead: list[tuple[str, int]] = []
-            for obj in ready:
-                kind, idx = conns[obj]
+            for key, _ in self.sel.select(0.2):
+                kind, idx, child = key.data
                 if kind.endswith("-dead"):
                     dead.append((kind[:-5], idx))
                     continue
-                conn = obj
-                assert isinstance(conn, Connection)
                 try:
-                    while conn.poll():
-                        msg = conn.recv()
+                    while True:
+                        msg = child.conn.recv()
                         if kind == "fetcher":
                             self._on_fetcher(idx, msg)
                         elif kind == "worker":
@@ -601,11 +619,11 @@ class Supervisor:
                             self._written(msg[1])
                         elif msg[0] == "fatal":
                             self.fatal = msg[1]
+                        if not child.readable():
+                            break
                 except (EOFError, OSError):
                     pass  # dies with it; the sentinel reports it
             for kind, idx in dead:
-                if stopping_since is not None and kind == "fetcher":
-                    continue
                 self._on_death(kind, idx)
             self._update_gauges()
             now = time.monotonic()
@@ -656,6 +674,8 @@ class Supervisor:
             if c.sender is not None:
                 c.sender.join(1.0)
             c.conn.close()
+        if hasattr(self, "sel"):
+            self.sel.close()
         if hasattr(self, "stats"):
             self.stats.close()
         if hasattr(self, "slab"):
