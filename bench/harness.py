@@ -282,15 +282,12 @@ def scenario_slow_hosts(cfg: BenchConfig, server: FileServer, corpus: Corpus) ->
     }
     result["ceiling"] = _ceiling(cfg, Corpus(corpus.root, items), [256])
     n = str(cfg.slow_transfers)
-    # Bodies in flight need ring space: 2,000 transfers of up to ~1 MB would not fit the default
-    # 256 MiB ring, and a transfer that finds no free slot waits for one.
-    ring_mb = max(256, math.ceil(cfg.slow_transfers * 0.35))
     result["engine"], _ = run_engine(
         cfg,
         list_path,
         cfg.work_dir / "out" / "slow-hosts",
         "256",
-        ["--transfers", n, "--max-host-connections", n, "--max-connections", n, "--ring-mb", str(ring_mb)],
+        ["--transfers", n, "--max-host-connections", n, "--max-connections", n],
     )
     eng = result["engine"]
     fetcher_cpu = eng["cpu_s_by_role"].get("oidl-fetcher", 0.0)

@@ -136,3 +136,30 @@ def test_thumbnail_and_mirror_sources(tmp_path: Path, corpus, server) -> None:
     conn = sqlite3.connect(tmp_path / "o2" / "oidl.sqlite")
     urls = [u for (u,) in conn.execute("SELECT url FROM images")]
     assert all(u.startswith(f"{server.base_url}/train/") for u in urls), urls
+
+
+def test_small_ring_many_slow_transfers(tmp_path: Path, corpus, server) -> None:
+    """Far more bytes in flight than the ring holds, sizes unknown (a plain URL list): the
+    fetcher must reserve, pause and resume so every body arrives, never stall for good.
+
+    This is the shape that once filled the ring with half-bodies and stalled every transfer
+    until timeouts (2,000 slow transfers in the bench), and before that paused/resumed every
+    transfer on every loop turn.
+    """
+    _, items = corpus
+    good = [i for i in items if i.broken is None]
+    largest = max(i.size for i in good)
+    max_bytes = largest + 1
+    ring_mb = -(-2 * max_bytes // (1 << 20))  # the smallest ring the CLI accepts
+    assert sum(i.size for i in good) > 4 * ring_mb << 20, "the test needs more bytes than the ring"
+    lst = tmp_path / "urls.txt"
+    lst.write_text("".join(f"http://127.0.0.1:{server.port}/{i.relpath}?rate=300000&k=ring{n}\n"
+                           for n, i in enumerate(good)))
+    p = run_cli([*FAST, "--transfers", "100", "--max-host-connections", "100", "--ring-mb", str(ring_mb),
+                 "--max-bytes", str(max_bytes), lst, "--out", tmp_path / "out"], timeout_s=90)
+    assert p.returncode == 0, p.stderr
+    with sqlite3.connect(tmp_path / "out" / "oidl.sqlite") as db:
+        rows = db.execute("SELECT status, reason, bytes FROM images").fetchall()
+    assert len(rows) == len(good)
+    assert {(s, r) for s, r, _ in rows} == {("ok", None)}, rows
+    assert sorted(b for *_, b in rows) == sorted(i.size for i in good)
