@@ -21,7 +21,6 @@ before the engine), because the machine is shared and absolute numbers drift.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
