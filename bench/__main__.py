@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scenario", action="append", choices=(*SCENARIOS, "all"),
                    help="repeatable; default all")
     r.add_argument("--smoke", action="store_true", help="tiny corpus, seconds: checks the harness, not the engine")
-    r.add_argument("--images", type=int, help="images for one-size and three-sizes (default 2000)")
+    r.add_argument("--images", type=int, help="images for one-size (default 6000)")
+    r.add_argument("--three-sizes-images", type=int, help="images for three-sizes (default 2000)")
     r.add_argument("--slow-images", type=int, help="images for slow-hosts (default 12000)")
     r.add_argument("--big-list-rows", type=int, help="rows of the big list (default 2000000)")
     r.add_argument("--big-list-seconds", type=float, help="run window on the big list (default 45)")
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cfg = BenchConfig(work_dir=args.work_dir or RESULTS_DIR / "work", img2dataset=not args.no_img2dataset)
     overrides = {
-        "images": args.images, "slow_images": args.slow_images, "big_list_rows": args.big_list_rows,
+        "images": args.images, "three_sizes_images": args.three_sizes_images, "slow_images": args.slow_images, "big_list_rows": args.big_list_rows,
         "big_list_run_s": args.big_list_seconds, "fetch_images": args.fetch_images, "procs": args.procs,
     }
     from dataclasses import replace

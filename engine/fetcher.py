@@ -44,6 +44,9 @@ _CURLE_RANGE_ERROR = 33
 _PLACEHOLDER_MARK = "photo_unavailable"
 #: longest a fetcher sleeps in epoll before looking at its pipe and timers again
 _MAX_WAIT_S = 0.2
+#: shortest loop turn: a 4 ms pause costs a transfer nothing (socket buffers hold far more than
+#: 4 ms of data) and saves thousands of wake-ups per second under load
+_MIN_TURN_S = 0.004
 
 
 class FetchJob(NamedTuple):
@@ -192,6 +195,7 @@ class Fetcher:
         self.jobs_held = 0
         self.dl_bytes = 0
         self.board = Board.of(stats).fetcher(index)
+        self.out: list[tuple] = []  # messages to the supervisor, sent once per loop turn
 
     # -- libcurl callbacks --------------------------------------------------------------
     def _socket_cb(self, what: int, fd: int, multi: object, socketp: object) -> None:
@@ -416,7 +420,7 @@ class Fetcher:
             return
         self._free(a.reset_body())
         self.jobs_held -= 1
-        self.conn.send(("fail", a.job.seq, reason.value, detail, self._info(a, eff)))
+        self.out.append(("fail", a.job.seq, reason.value, detail, self._info(a, eff)))
 
     def _verify(self, a: _Attempt) -> Reason | None:
         if a.nbytes == 0:
@@ -471,7 +475,7 @@ class Fetcher:
         self.board.handed_on(a.job.seq, a.job.url)
         a.slots = []
         self.downstream += len(slots)
-        self.conn.send(("body", a.job.seq, slots, a.nbytes, self._info(a, eff)))
+        self.out.append(("body", a.job.seq, slots, a.nbytes, self._info(a, eff)))
 
     def _info(self, a: _Attempt, eff: str) -> FetchInfo:
         return FetchInfo(eff, a.attempts, a.ctype, time.monotonic() - a.first_start, a.md5.hexdigest())
@@ -584,21 +588,21 @@ class Fetcher:
             n = target - held
             if n >= max(1, self.transfers // 4) or held == 0:
                 self.outstanding_want += n
-                self.conn.send(("want", n))
+                self.out.append(("want", n))
 
     # -- main loop ----------------------------------------------------------------------
     def _drain_conn(self) -> None:
         while self.conn.poll():
-            msg = self.conn.recv()
-            kind = msg[0]
-            if kind == "jobs":
-                self._add_jobs(msg[1])
-            elif kind == "slots":
-                self.free.extend(msg[1])
-                self.downstream -= len(msg[1])
-            elif kind == "stop":
-                self.stopping = True
-                return
+            for msg in self.conn.recv():
+                kind = msg[0]
+                if kind == "jobs":
+                    self._add_jobs(msg[1])
+                elif kind == "slots":
+                    self.free.extend(msg[1])
+                    self.downstream -= len(msg[1])
+                elif kind == "stop":
+                    self.stopping = True
+                    return
 
     def _action(self, fd: int, flags: int) -> None:
         while True:
@@ -620,8 +624,15 @@ class Fetcher:
         stats = self.stats
         stats.set(F.OWNED_SLOTS, len(self.slot_range))
         self._want_more()
+        turn_start = 0.0
         while not self.stopping:
             now = time.monotonic()
+            if now - turn_start < _MIN_TURN_S:
+                # Let data pile up in the socket buffers: each readable socket then costs one
+                # socket_action for more bytes, instead of a wake-up per TCP segment.
+                time.sleep(_MIN_TURN_S - (now - turn_start))
+                now = time.monotonic()
+            turn_start = now
             wait = _MAX_WAIT_S
             if self.timer_due is not None:
                 wait = min(wait, max(0.0, self.timer_due - now))
@@ -648,6 +659,9 @@ class Fetcher:
             self._resume_paused()
             self._start_more()
             self._want_more()
+            if self.out:
+                self.conn.send(self.out)
+                self.out = []
             stats.add(F.DOWNLOADED_BYTES, self.dl_bytes)
             self.dl_bytes = 0
             stats.set(F.DOWNLOADS_IN_PROGRESS, len(self.active))

@@ -89,6 +89,7 @@ class _Child:
     # block sending to it (both pipe directions full) is a deadlock. So messages to a child
     # go through an outbox drained by a thread of its own, and the loop keeps reading.
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    pending: list[tuple] = field(default_factory=list)  # this loop turn's messages, see _send
     sender: threading.Thread | None = None
 
     # Connection.poll() builds a selector per call; one poll object per child is one syscall.
@@ -421,9 +422,17 @@ class Supervisor:
                 pass
 
     def _send(self, child: _Child, msg: tuple) -> None:
-        # Never blocks (see _Child.outbox). A dead child's messages are dropped with it; its
-        # replacement is given the state it needs.
-        child.outbox.put(msg)
+        # Collected per loop turn and sent as one list (_post_all): one pickle, one write and
+        # one wake-up of the child per turn instead of one per message. Never blocks (see
+        # _Child.outbox). A dead child's messages are dropped with it; its replacement is
+        # given the state it needs.
+        child.pending.append(msg)
+
+    def _post_all(self) -> None:
+        for c in (*self.fetchers, *self.workers, self.writer):
+            if c is not None and c.pending:
+                c.outbox.put(c.pending)
+                c.pending = []
 
     def _on_fetcher(self, i: int, msg: tuple) -> None:
         kind = msg[0]
@@ -602,6 +611,7 @@ class Supervisor:
                 return
             self._dispatch_bodies()
             self._flush_writer()
+            self._post_all()
             dead: list[tuple[str, int]] = []
             for key, _ in self.sel.select(0.2):
                 kind, idx, child = key.data
@@ -610,15 +620,15 @@ class Supervisor:
                     continue
                 try:
                     while True:
-                        msg = child.conn.recv()
-                        if kind == "fetcher":
-                            self._on_fetcher(idx, msg)
-                        elif kind == "worker":
-                            self._on_worker(idx, msg)
-                        elif msg[0] == "written":
-                            self._written(msg[1])
-                        elif msg[0] == "fatal":
-                            self.fatal = msg[1]
+                        for msg in child.conn.recv():
+                            if kind == "fetcher":
+                                self._on_fetcher(idx, msg)
+                            elif kind == "worker":
+                                self._on_worker(idx, msg)
+                            elif msg[0] == "written":
+                                self._written(msg[1])
+                            elif msg[0] == "fatal":
+                                self.fatal = msg[1]
                         if not child.readable():
                             break
                 except (EOFError, OSError):
@@ -642,19 +652,21 @@ class Supervisor:
         others = [c for c in (*self.fetchers, *self.workers) if c is not None]
         for c in others:
             self._send(c, ("stop",))
+        self._post_all()
         if self.writer is not None:
             if graceful:
                 self._flush_writer()
             self._send(self.writer, ("stop",))
+            self._post_all()
             # The writer commits what it holds, acknowledges it, then exits: count those rows.
             deadline = time.monotonic() + (10.0 if graceful else 1.0)
             try:
                 while time.monotonic() < deadline and self.writer.conn.poll(max(0.0, deadline - time.monotonic())):
-                    msg = self.writer.conn.recv()
-                    if msg[0] == "written":
-                        self._written(msg[1])
-                    elif msg[0] == "fatal":
-                        self.fatal = msg[1]
+                    for msg in self.writer.conn.recv():
+                        if msg[0] == "written":
+                            self._written(msg[1])
+                        elif msg[0] == "fatal":
+                            self.fatal = msg[1]
             except (EOFError, OSError):
                 pass
         counter = getattr(self, "counter", None)
@@ -692,6 +704,7 @@ def count_main(lists: tuple[str, ...], subset: str | None, limit: int | None, la
     from .proc import child_init
 
     child_init("counter")
+    os.nice(10)  # only the ETA waits for it: never take a core from the pipeline at start-up
     try:
         n = inputs.count_rows(list(lists), subset=subset)
     except inputs.ListError:

@@ -81,7 +81,9 @@ def _loop(
 ) -> None:
     pending: deque = deque()  # jobs that arrived while we waited for output slots
     while True:
-        msg = pending.popleft() if pending else conn.recv()
+        if not pending:
+            pending.extend(conn.recv())
+        msg = pending.popleft()
         kind = msg[0]
         if kind == "slots":
             free.extend(msg[1])
@@ -115,7 +117,7 @@ def _loop(
         stats.set(F.RESIZES_IN_PROGRESS, 0)
         board.idle()
         stats.set(F.FREE_SLOTS, len(free))
-        conn.send(("done", seq, out))
+        conn.send([("done", seq, out)])
 
 
 def _store_outputs(
@@ -127,13 +129,13 @@ def _store_outputs(
         raise RowFailed(Reason.TOO_LARGE, "encoded outputs larger than the worker's output ring")
     # Wait for the writer to hand slots back if needed (bounded: the writer never waits on us).
     while len(free) < need_total:
-        msg = conn.recv()
-        if msg[0] == "slots":
-            free.extend(msg[1])
-        elif msg[0] == "stop":
-            raise EOFError
-        else:
-            pending.append(msg)
+        for msg in conn.recv():
+            if msg[0] == "slots":
+                free.extend(msg[1])
+            elif msg[0] == "stop":
+                raise EOFError
+            else:
+                pending.append(msg)
     refs = []
     for o in outputs:
         n = slots_needed(len(o.data), sb)

@@ -16,6 +16,7 @@ and the rename replaces the files. Leftover temporary files are deleted at the n
 from __future__ import annotations
 
 import os
+import select
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -105,24 +106,27 @@ class Writer:
                 self.stats.add(F.IMAGES_FAILED)
                 if r.reason:
                     self.stats.failed(r.reason)
-        self.conn.send(("written", [r.seq for r in batch]))
+        self.conn.send([("written", [r.seq for r in batch])])
 
     def run(self) -> None:
         batch: list[WriteRecord] = []
         oldest = 0.0
         cfg = self.cfg
+        # Connection.poll() builds a selector per call; one poll object is one syscall.
+        poller = select.poll()
+        poller.register(self.conn.fileno(), select.POLLIN)
         while True:
             timeout = cfg.batch_s if not batch else max(0.0, oldest + cfg.batch_s - time.monotonic())
-            if self.conn.poll(timeout):
-                msg = self.conn.recv()
-                if msg[0] == "stop":
-                    if batch:
-                        self.flush(batch)
-                    return
-                if msg[0] == "rec":
-                    if not batch:
-                        oldest = time.monotonic()
-                    batch.extend(msg[1])
+            if poller.poll(timeout * 1000):
+                for msg in self.conn.recv():
+                    if msg[0] == "stop":
+                        if batch:
+                            self.flush(batch)
+                        return
+                    if msg[0] == "rec":
+                        if not batch:
+                            oldest = time.monotonic()
+                        batch.extend(msg[1])
             # one transaction per batch_rows rows or per batch_s seconds, whichever comes first
             if batch and (len(batch) >= cfg.batch_rows or time.monotonic() - oldest >= cfg.batch_s):
                 self.flush(batch)
@@ -141,7 +145,7 @@ def writer_main(conn: Connection, cfg: OutputConfig, slab_name: str, slot_bytes:
     except OSError as e:
         # Disk full, permissions...: the run cannot continue; say why, once, clearly.
         try:
-            conn.send(("fatal", f"cannot write output: {e}"))
+            conn.send([("fatal", f"cannot write output: {e}")])
         except OSError:
             pass
     finally:
