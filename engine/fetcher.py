@@ -189,6 +189,7 @@ class Fetcher:
         # a body larger than its reservation takes more slots as it arrives.
         self.mean_body_bytes = 256 * 1024.0
         self.reserve_cap = max(1, len(slots) // 8)
+        self.downstream_cap = max(1, len(slots) // 4)
         self.handles: list[pycurl.Curl] = []
         self.outstanding_want = 0
         self.stopping = False
@@ -508,6 +509,10 @@ class Fetcher:
         skipped = 0
         # Start nothing while transfers wait for slots: a new one would only take slots from
         # bodies that are further along (and the ring would fill with half-bodies).
+        # Nor while a quarter of the ring already waits downstream for workers: that is
+        # seconds of decoding queued, and more would only grow every process's footprint.
+        if self.downstream > self.downstream_cap:
+            return
         while budget > 0 and order and skipped < len(order) and self.free and not self.paused_n:
             host = order[0]
             q = self.queues[host]

@@ -20,6 +20,7 @@ shared indices; static ownership plus messages needs none (see TECH-NOTES §6).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -123,6 +124,21 @@ class Slab:
             off = s * sb
             yield self.buf[off : off + take]
             left -= take
+
+    def forget(self, slots: Sequence[int], nbytes: int) -> None:
+        """Unmap a body's pages from this process only; the bytes stay in the segment.
+
+        A reader (worker, writer) touches every body that passes through it, so without this
+        each reader's RSS grows to the whole ring and summed RSS counts the ring once per
+        process. MADV_DONTNEED on a shared mapping drops our page-table entries, not the data.
+        """
+        sb = self.slot_bytes
+        left = nbytes
+        for s in slots:
+            if left <= 0:
+                return
+            self._shm._mmap.madvise(mmap.MADV_DONTNEED, s * sb, min(sb, left))
+            left -= sb
 
     def close(self) -> None:
         self.buf = None  # type: ignore[assignment]

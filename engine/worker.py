@@ -95,6 +95,7 @@ def _loop(
         t0 = time.monotonic()
         board.start(seq, nbytes, t0)
         body = slab.read(body_slots, nbytes)
+        slab.forget(body_slots, nbytes)
         try:
             result = images.process(body, cfg, rotation_deg=rotation)
         except RowFailed as e:

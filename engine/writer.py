@@ -72,6 +72,7 @@ class Writer:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        self.slab.forget(ref.slots, ref.nbytes)
         os.replace(tmp, self.out / rel)
         return ref.nbytes
 
