@@ -32,6 +32,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Callable, Iterator
 
 from . import inputs, state
@@ -55,6 +56,8 @@ _FEED_BATCH = 512
 _ORIGINAL_EXTS = ("jpg", "png", "gif", "webp", "jpeg", "bin")
 #: a child restarted more often than this is broken, not unlucky
 _MAX_RESTARTS = 20
+#: largest message list written from the routing loop itself (see _Child.post)
+_DIRECT_SEND_BYTES = 32 * 1024
 
 
 class RunError(Exception):
@@ -86,34 +89,56 @@ class _Child:
     outstanding: int = 0  # worker: bodies sent, not done
     holds: set[int] = field(default_factory=set)  # seqs held by this child
     # The routing loop must never block on a child: a fetcher blocked sending to us while we
-    # block sending to it (both pipe directions full) is a deadlock. So messages to a child
-    # go through an outbox drained by a thread of its own, and the loop keeps reading.
+    # block sending to it (both pipe directions full) is a deadlock. So a message list that
+    # might block goes through an outbox drained by a thread of its own, and the loop keeps
+    # reading. Waking that thread for every list cost more than the routing itself, so a
+    # small list is written directly when the socket has room and nothing is queued before it.
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    queued: int = 0  # lists in the outbox or being written by the sender thread
+    queued_lock: threading.Lock = field(default_factory=threading.Lock)
     pending: list[tuple] = field(default_factory=list)  # this loop turn's messages, see _send
     sender: threading.Thread | None = None
 
     # Connection.poll() builds a selector per call; one poll object per child is one syscall.
     poller: select.poll = field(default_factory=select.poll)
+    wpoller: select.poll = field(default_factory=select.poll)
 
     def start_sender(self) -> "_Child":
         self.poller.register(self.conn.fileno(), select.POLLIN)
-        self.sender = threading.Thread(target=_drain_outbox, args=(self.conn, self.outbox), daemon=True)
+        self.wpoller.register(self.conn.fileno(), select.POLLOUT)
+        self.sender = threading.Thread(target=_drain_outbox, args=(self,), daemon=True)
         self.sender.start()
         return self
 
     def readable(self) -> bool:
         return bool(self.poller.poll(0))
 
+    def post(self, msgs: list[tuple]) -> None:
+        data = ForkingPickler.dumps(msgs)
+        # A Unix socket polls writable only while under a quarter of its send buffer (~200 KiB)
+        # is in use, so a write this small cannot block; queued == 0 keeps the order.
+        if not self.queued and len(data) <= _DIRECT_SEND_BYTES and self.wpoller.poll(0):
+            try:
+                self.conn.send_bytes(data)
+            except (OSError, ValueError):
+                pass  # the child is gone; its sentinel tells the loop
+            return
+        with self.queued_lock:
+            self.queued += 1
+        self.outbox.put(data)
+
     def close_outbox(self) -> None:
         self.outbox.put(None)
 
 
-def _drain_outbox(conn: Connection, outbox: queue.SimpleQueue) -> None:
-    while (msg := outbox.get()) is not None:
+def _drain_outbox(child: _Child) -> None:
+    while (data := child.outbox.get()) is not None:
         try:
-            conn.send(msg)
+            child.conn.send_bytes(data)
         except (OSError, ValueError):
             return  # the child is gone; its sentinel tells the loop
+        with child.queued_lock:
+            child.queued -= 1
 
 
 @dataclass
@@ -431,7 +456,7 @@ class Supervisor:
     def _post_all(self) -> None:
         for c in (*self.fetchers, *self.workers, self.writer):
             if c is not None and c.pending:
-                c.outbox.put(c.pending)
+                c.post(c.pending)
                 c.pending = []
 
     def _on_fetcher(self, i: int, msg: tuple) -> None:

@@ -112,6 +112,7 @@ class Writer:
     def run(self) -> None:
         batch: list[WriteRecord] = []
         oldest = 0.0
+        first = True
         cfg = self.cfg
         # Connection.poll() builds a selector per call; one poll object is one syscall.
         poller = select.poll()
@@ -128,10 +129,12 @@ class Writer:
                         if not batch:
                             oldest = time.monotonic()
                         batch.extend(msg[1])
-            # one transaction per batch_rows rows or per batch_s seconds, whichever comes first
-            if batch and (len(batch) >= cfg.batch_rows or time.monotonic() - oldest >= cfg.batch_s):
+            # one transaction per batch_rows rows or per batch_s seconds, whichever comes first;
+            # the run's first rows at once, so the first image shows up without a batch's wait
+            if batch and (first or len(batch) >= cfg.batch_rows or time.monotonic() - oldest >= cfg.batch_s):
                 self.flush(batch)
                 batch = []
+                first = False
             self.stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
 
 
