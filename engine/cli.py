@@ -142,7 +142,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     g.add_argument("--fetchers", type=_positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
     g.add_argument("--transfers", type=_positive(), default=FetchConfig.transfers, help="transfers in flight per fetcher")
     g.add_argument(
-        "--ring-mb", type=_positive(), default=256, help="shared-memory ring per fetcher for bodies in flight, MiB"
+        "--ring-mb",
+        type=_positive(),
+        default=256,
+        help="shared-memory ring per fetcher for bodies in flight, MiB. A transfer starts only when the ring can "
+        "hold its expected body (OriginalSize, else the mean so far), so this also caps transfers in flight: "
+        "raise it for large originals from slow hosts (about transfers x mean body size)",
     )
 
     g = p.add_argument_group("network")
