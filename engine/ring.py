@@ -66,6 +66,8 @@ class Slab:
         self.name = shm.name
         self.buf = shm.buf
         self.slots = shm.size // slot_bytes
+        # SharedMemory has no public madvise; without it forget() is a no-op (RSS only).
+        self._madvise = getattr(getattr(shm, "_mmap", None), "madvise", None)
 
     @classmethod
     def create(cls, slots: int, slot_bytes: int) -> "Slab":
@@ -132,12 +134,14 @@ class Slab:
         each reader's RSS grows to the whole ring and summed RSS counts the ring once per
         process. MADV_DONTNEED on a shared mapping drops our page-table entries, not the data.
         """
+        if self._madvise is None:
+            return
         sb = self.slot_bytes
         left = nbytes
         for s in slots:
             if left <= 0:
                 return
-            self._shm._mmap.madvise(mmap.MADV_DONTNEED, s * sb, min(sb, left))
+            self._madvise(mmap.MADV_DONTNEED, s * sb, min(sb, left))
             left -= sb
 
     def close(self) -> None:
