@@ -417,8 +417,8 @@ STORE_FOR_ORIENTATION = {
 }
 
 
-def oriented_jpeg(orientation: int) -> bytes:
-    stored = STORE_FOR_ORIENTATION[orientation](card()).copy()
+def oriented_jpeg(orientation: int, size: tuple[int, int] = (96, 64)) -> bytes:
+    stored = STORE_FOR_ORIENTATION[orientation](card(*size)).copy()
     stored.set_type(pyvips.GValue.gint_type, "orientation", orientation)
     body = jpeg(stored)
     assert pyvips.Image.new_from_buffer(body, "").get("orientation") == orientation

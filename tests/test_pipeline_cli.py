@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 from conftest import run_cli
-from test_images import STORE_FOR_ORIENTATION, crafted_png, jpeg, solid, strip_segment
+from test_images import QUADS, STORE_FOR_ORIENTATION, card, crafted_png, jpeg, oriented_jpeg, solid, strip_segment
 from engine.corpus import md5_b64
 from engine.inputs import OPENIMAGES_COLUMNS
 from engine.loopback import LoopbackServer
@@ -30,8 +30,6 @@ pyvips = pytest.importorskip("pyvips")
 # Muted colours inside the generic CMYK gamut, and saturated ones where Display P3 and sRGB differ.
 PATCHES = [(200, 120, 80), (90, 140, 60), (70, 90, 150), (180, 180, 180), (230, 210, 120), (120, 60, 90)]
 VIVID = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 200, 0), (0, 200, 200), (40, 40, 40)]
-# Upright test card: top-left red, top-right green, bottom-left blue, bottom-right white.
-QUADS = {"tl": (255, 0, 0), "tr": (0, 255, 0), "bl": (0, 0, 255), "br": (255, 255, 255)}
 PATCH_PX = 64  # sources are 3 x 2 patches: 192 x 128, landscape 3:2
 SRC = (3 * PATCH_PX, 2 * PATCH_PX)
 BACKGROUND = (0, 0, 255)  # not white: proves --background reaches alpha flattening and pad
@@ -66,21 +64,6 @@ def patch_means(img: pyvips.Image) -> list[list[float]]:
         region = img.crop(x0, y0, side, side)
         out.append([region[b].avg() for b in range(3)])
     return out
-
-
-def card() -> pyvips.Image:
-    w, h = SRC
-    top = solid(w // 2, h // 2, QUADS["tl"]).join(solid(w // 2, h // 2, QUADS["tr"]), "horizontal")
-    bottom = solid(w // 2, h // 2, QUADS["bl"]).join(solid(w // 2, h // 2, QUADS["br"]), "horizontal")
-    return top.join(bottom, "vertical")
-
-
-def oriented_jpeg(orientation: int) -> bytes:
-    stored = STORE_FOR_ORIENTATION[orientation](card()).copy()
-    stored.set_type(pyvips.GValue.gint_type, "orientation", orientation)
-    body = jpeg(stored)
-    assert pyvips.Image.new_from_buffer(body, "").get("orientation") == orientation
-    return body
 
 
 def noisy_photo() -> pyvips.Image:
@@ -159,12 +142,12 @@ def colour_cases() -> list[Case]:
 
 
 def orientation_cases() -> list[Case]:
-    cases = [Case(f"exif {o}", oriented_jpeg(o), upright=True) for o in range(1, 9)]
-    progressive = STORE_FOR_ORIENTATION[6](card()).copy()
+    cases = [Case(f"exif {o}", oriented_jpeg(o, SRC), upright=True) for o in range(1, 9)]
+    progressive = STORE_FOR_ORIENTATION[6](card(*SRC)).copy()
     progressive.set_type(pyvips.GValue.gint_type, "orientation", 6)
     cases.append(Case("progressive exif 6", jpeg(progressive, interlace=True), upright=True))
     # Without --apply-rotation the Rotation column is ignored: upright as the EXIF says.
-    cases.append(Case("rotation ignored", oriented_jpeg(6), upright=True, rotation="90.0"))
+    cases.append(Case("rotation ignored", oriented_jpeg(6, SRC), upright=True, rotation="90.0"))
     return cases
 
 
@@ -206,7 +189,7 @@ def strict_rotation_cases() -> list[Case]:
     ]
     for orientation in (1, 6):
         for turns, text in ((0, ""), (1, "90.0"), (2, "180.0"), (3, "270.0")):
-            cases.append(Case(f"exif {orientation} rotation {text or 'empty'}", oriented_jpeg(orientation),
+            cases.append(Case(f"exif {orientation} rotation {text or 'empty'}", oriented_jpeg(orientation, SRC),
                               upright=True, rotation=text, turns=turns))
     return cases
 
@@ -333,7 +316,7 @@ def check_ok_row(
         assert shrunk.width > shrunk.height, c.name  # upright by aspect too
     if portrait:
         # A quarter turn counterclockwise of the upright card, compared pixel by pixel.
-        expected = card().rot({1: "d270", 3: "d90"}[c.turns])
+        expected = card(*SRC).rot({1: "d270", 3: "d90"}[c.turns])
         diff = (shrunk.cast("float") - expected.resize(shrunk.width / expected.width).cast("float")).abs().avg()
         assert diff < 20, (c.name, diff)
     elif c.turns == 2:
