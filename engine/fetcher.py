@@ -35,7 +35,7 @@ import pycurl
 
 from .config import FetchConfig
 from .errors import RETRYABLE, Reason, reason_for_curl, reason_for_status
-from .proc import child_init
+from .proc import pipeline_child
 from .ring import Slab, SlotRange, slots_needed
 from .board import Board
 from .stats import HIST_DOWNLOAD_BASE, F, Role, Stats, StatsLayout
@@ -689,11 +689,5 @@ def fetcher_main(
     free: list[int],
     layout: StatsLayout,
 ) -> None:
-    child_init(f"fetcher-{index}")
-    slab = Slab.attach(slab_name, slot_bytes)
-    stats = Stats.attach(layout, Role.FETCHER, index)
-    try:
+    with pipeline_child(f"fetcher-{index}", slab_name, slot_bytes, layout, Role.FETCHER, index) as (slab, stats):
         Fetcher(index, conn, cfg, slab, slots, free, stats).run()
-    finally:
-        stats.close()
-        slab.close()

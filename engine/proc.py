@@ -6,6 +6,11 @@ import ctypes
 import os
 import signal
 import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from .ring import Slab
+from .stats import Role, Stats, StatsLayout
 
 _PR_SET_PDEATHSIG = 1
 
@@ -32,3 +37,18 @@ def child_init(name: str) -> None:
             f.write(f"oidl-{name}"[:15])
     except OSError:
         pass
+
+
+@contextmanager
+def pipeline_child(
+    name: str, slab_name: str, slot_bytes: int, layout: StatsLayout, role: Role, index: int = 0
+) -> Iterator[tuple[Slab, Stats]]:
+    """A fetcher, worker or writer process: child_init, then its view of the slab and its stats row."""
+    child_init(name)
+    slab = Slab.attach(slab_name, slot_bytes)
+    stats = Stats.attach(layout, role, index)
+    try:
+        yield slab, stats
+    finally:
+        stats.close()
+        slab.close()

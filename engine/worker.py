@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from .board import Board, WorkerBoard
 from .errors import Reason, RowFailed
-from .proc import child_init
+from .proc import pipeline_child
 from .ring import Slab, SlotRange, slots_needed
 from .stats import HIST_PROCESS_BASE, F, Role, Stats, StatsLayout
 from .variants import PipelineConfig
@@ -56,23 +56,18 @@ def worker_main(
     free: list[int],
     layout: StatsLayout,
 ) -> None:
-    child_init(f"worker-{index}")
-    # pyvips is imported here, after the process exists: libvips' thread pool and GLib state
-    # must never be inherited through fork (TECH-NOTES §6).
-    from . import images
+    with pipeline_child(f"worker-{index}", slab_name, slot_bytes, layout, Role.WORKER, index) as (slab, stats):
+        # pyvips is imported here, after the process exists: libvips' thread pool and GLib
+        # state must never be inherited through fork (TECH-NOTES §6).
+        from . import images
 
-    images.init_worker()
-    slab = Slab.attach(slab_name, slot_bytes)
-    stats = Stats.attach(layout, Role.WORKER, index)
-    stats.set(F.OWNED_SLOTS, len(slots))
-    stats.set(F.FREE_SLOTS, len(free))
-    try:
-        _loop(conn, cfg, slab, len(slots), free, stats, images, Board.of(stats).worker(index))
-    except (EOFError, OSError):
-        pass  # the supervisor is gone
-    finally:
-        stats.close()
-        slab.close()
+        images.init_worker()
+        stats.set(F.OWNED_SLOTS, len(slots))
+        stats.set(F.FREE_SLOTS, len(free))
+        try:
+            _loop(conn, cfg, slab, len(slots), free, stats, images, Board.of(stats).worker(index))
+        except (EOFError, OSError):
+            pass  # the supervisor is gone
 
 
 def _loop(

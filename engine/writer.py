@@ -27,7 +27,7 @@ from . import state
 from .board import Board
 from .config import OutputConfig
 from .layout import FORMAT_EXT, ORIGINAL, rel_path
-from .proc import child_init
+from .proc import pipeline_child
 from .ring import Slab
 from .stats import F, Role, Stats, StatsLayout
 from .worker import OutputRef
@@ -139,22 +139,17 @@ class Writer:
 
 
 def writer_main(conn: Connection, cfg: OutputConfig, slab_name: str, slot_bytes: int, layout: StatsLayout) -> None:
-    child_init("writer")
-    slab = Slab.attach(slab_name, slot_bytes)
-    stats = Stats.attach(layout, Role.WRITER)
-    try:
-        Writer(conn, cfg, slab, stats).run()
-    except (EOFError, BrokenPipeError):
-        pass  # the supervisor is gone
-    except OSError as e:
-        # Disk full, permissions...: the run cannot continue; say why, once, clearly.
+    with pipeline_child("writer", slab_name, slot_bytes, layout, Role.WRITER) as (slab, stats):
         try:
-            conn.send([("fatal", f"cannot write output: {e}")])
-        except OSError:
-            pass
-    finally:
-        stats.close()
-        slab.close()
+            Writer(conn, cfg, slab, stats).run()
+        except (EOFError, BrokenPipeError):
+            pass  # the supervisor is gone
+        except OSError as e:
+            # Disk full, permissions...: the run cannot continue; say why, once, clearly.
+            try:
+                conn.send([("fatal", f"cannot write output: {e}")])
+            except OSError:
+                pass
 
 
 def original_ext(fmt: str | None, url: str) -> str:
