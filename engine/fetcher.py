@@ -44,9 +44,6 @@ _CURLE_RANGE_ERROR = 33
 _PLACEHOLDER_MARK = "photo_unavailable"
 #: longest a fetcher sleeps in epoll before looking at its pipe and timers again
 _MAX_WAIT_S = 0.2
-#: shortest loop turn: a 4 ms pause costs a transfer nothing (socket buffers hold far more than
-#: 4 ms of data) and saves thousands of wake-ups per second under load
-_MIN_TURN_S = 0.004
 
 
 class FetchJob(NamedTuple):
@@ -534,8 +531,7 @@ class Fetcher:
             skipped = 0
             if a.job.local_path and self._load_local(a):
                 continue
-            free = self.free
-            a.slots.extend(free.pop() for _ in range(want))
+            a.slots.extend(self.free.pop() for _ in range(want))
             self._start(a)
             budget -= 1
 
@@ -629,15 +625,8 @@ class Fetcher:
         stats = self.stats
         stats.set(F.OWNED_SLOTS, len(self.slot_range))
         self._want_more()
-        turn_start = 0.0
         while not self.stopping:
             now = time.monotonic()
-            if now - turn_start < _MIN_TURN_S:
-                # Let data pile up in the socket buffers: each readable socket then costs one
-                # socket_action for more bytes, instead of a wake-up per TCP segment.
-                time.sleep(_MIN_TURN_S - (now - turn_start))
-                now = time.monotonic()
-            turn_start = now
             wait = _MAX_WAIT_S
             if self.timer_due is not None:
                 wait = min(wait, max(0.0, self.timer_due - now))
