@@ -235,13 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--db", type=Path, help="state database (default: OUT/oidl.sqlite)")
     res.add_argument("--dest", type=Path, help="where to write the CSVs (default: OUT)")
 
-    try:
-        from . import metadata
-
-        metadata.register(sub)
-    except ImportError:  # pragma: no cover - the metadata module is optional at import time
-        pass
+    for module in _command_modules():
+        module.register(sub)
     return p
+
+
+def _command_modules() -> list:
+    """Subcommands that live in their own modules: each has ``COMMANDS``, ``register(sub)`` and ``run(args)``."""
+    from .meta import download
+
+    return [download]
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -386,10 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .results import write_results
 
             return write_results(a.out, a.db, a.dest)
-        if a.command == "metadata":
-            from . import metadata
-
-            return metadata.run(a)
+        for module in _command_modules():
+            if a.command in module.COMMANDS:
+                return module.run(a)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

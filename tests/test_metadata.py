@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import metadata
+from engine.meta import download as metadata
 from engine.errors import Reason
 from engine.loopback import LoopbackServer
-from engine.metadata import RELEASES, DownloadConfig, MetadataError, download, extract, is_complete
+from engine.meta.download import RELEASES, DownloadConfig, MetadataError, download, extract, is_complete
 
 SAMPLES = Path("/work/shared/openimages-samples")
 FAST = DownloadConfig(

@@ -775,6 +775,10 @@ def _progress_for(name: str, tty: bool) -> Iterator[ProgressFn]:
 # ------------------------------------------------------------------------------------------
 
 
+#: the subcommands this module adds to `oidl-engine` (see cli._command_modules)
+COMMANDS = ("metadata",)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "metadata",
