@@ -42,9 +42,11 @@ class Database:
 
     def sql(self, text: str) -> str:
         """``?`` placeholders to the backend's own (never inside our literals: we write none with '?')."""
-        return text if self.backend == "sqlite" else text.replace("?", "%s")
+        return text if self.backend == "sqlite" else text.replace("%", "%%").replace("?", "%s")
 
     def execute(self, text: str, params: Sequence[Any] = ()) -> Any:
+        if self.backend == "postgres" and not params:
+            return self.conn.execute(text)  # no placeholders: '%' in a LIKE pattern stays as it is
         return self.conn.execute(self.sql(text), tuple(params))
 
     def query(self, text: str, params: Sequence[Any] = ()) -> list[tuple]:

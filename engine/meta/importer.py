@@ -694,7 +694,7 @@ def run_import(
     display: _Display | None = None,
 ) -> Summary:
     summary = Summary()
-    previous = {r[0]: r for r in db.query("SELECT path, size, mtime, file_id, slot, kind FROM imports")}
+    previous = {r[0]: r for r in db.query("SELECT path, size, mtime_ns, file_id, slot, kind FROM imports")}
     selected = {s.relpath for s in sources}
     loaded_tables: set[str] = set()
     reloaded_full_slots: set[str] = set()
@@ -702,7 +702,7 @@ def run_import(
         st = src.path.stat()
         prev = previous.get(src.relpath)
         forced_by_full = src.extra.get("boxable") and (src.slot or "").replace(":boxable:", ":full:") in reloaded_full_slots
-        if prev and not force and not forced_by_full and prev[1] == st.st_size and abs(float(prev[2]) - st.st_mtime) < 1e-3:
+        if prev and not force and not forced_by_full and prev[1] == st.st_size and prev[2] == st.st_mtime_ns:
             summary.unchanged += 1
             continue
         progress = Progress()
@@ -728,9 +728,9 @@ def run_import(
             if src.table in ("classes", "class_lists"):
                 refresh_class_flags(db)
             db.execute(
-                "INSERT INTO imports (path, kind, size, mtime, rows, skipped, imported_at, file_id, slot, rank) "
+                "INSERT INTO imports (path, kind, size, mtime_ns, rows, skipped, imported_at, file_id, slot, rank) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (src.relpath, src.table, st.st_size, st.st_mtime, result.rows, result.skipped, time.time(), file_id,
+                (src.relpath, src.table, st.st_size, st.st_mtime_ns, result.rows, result.skipped, time.time(), file_id,
                  src.slot, src.rank),
             )
             db.commit()

@@ -128,7 +128,7 @@ TABLES: tuple[Table, ...] = (
     # doubled); slot and rank say which files are versions of the same data (the newest wins).
     Table(
         "imports",
-        _cols("path:text kind:text size:bigint mtime:real rows:int skipped:int imported_at:real file_id:int slot:text rank:int"),
+        _cols("path:text kind:text size:bigint mtime_ns:bigint rows:int skipped:int imported_at:real file_id:int slot:text rank:int"),
         ("path",),
     ),
     Table("meta", _cols("key:text value:text"), ("key",)),
