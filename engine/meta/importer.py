@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -212,8 +213,8 @@ def discover(root: Path, only: set[str] | None = None) -> tuple[list[Source], li
 # Reading: batches of pyarrow arrays in the target table's column order
 # ------------------------------------------------------------------------------------------
 
-_NUM_RE = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$|^\s*[+-]?(nan|NaN|inf)\s*$"
-_INT_RE = r"^\s*[+-]?\d+(\.0*)?\s*$"
+_NUM_RE = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^[+-]?(nan|NaN|inf)$"  # what a cast accepts
+_INT_RE = r"^[+-]?\d+(\.0*)?$"
 
 
 class Malformed:
@@ -307,6 +308,11 @@ def read_csv_batches(
 
     types = dict(columns)
     present = [c for c in file_cols if c in types]
+    # the batch holds the file's columns and the computed ones; constants are the writer's
+    columns_from_file_or_computed = [
+        c for c, _ in columns if c in present or (c in consts and callable(consts[c]))
+    ]
+    row_bytes = _bytes_per_row(src.path)  # for progress: pyarrow reads ahead of what it parsed
     f = src.path.open("rb")
     try:
         reader = pcsv.open_csv(
@@ -324,48 +330,77 @@ def read_csv_batches(
             if n == 0:
                 continue
             arrays = dict(zip(batch.schema.names, batch.columns))
-            ok = None
-            for name, arr in arrays.items():
-                kind = types[name]
-                if kind == schema.TEXT:
-                    continue
-                m = pc.match_substring_regex(arr, _INT_RE if kind in (schema.INT, schema.BIGINT) else _NUM_RE)
-                m = pc.or_kleene(m, pc.is_null(arr))
-                ok = m if ok is None else pc.and_(ok, m)
-            if "image_id" in arrays:  # an annotation without an image is useless
-                m = pc.invert(pc.is_null(arrays["image_id"]))
-                ok = m if ok is None else pc.and_(ok, m)
-            if ok is not None and not pc.all(ok).as_py():
+            converted = _convert(arrays, types)
+            if converted is None:  # a bad value somewhere in this block: find the rows, drop them
+                ok = _valid_rows(arrays, types)
                 bad_idx = pc.indices_nonzero(pc.invert(ok)).to_pylist()
                 for i in bad_idx:
                     bad(line_of(accepted + i), "a value that is not a number where one belongs, or no ImageID")
                 arrays = {k: pc.filter(v, ok) for k, v in arrays.items()}
                 n -= len(bad_idx)
+                converted = _convert(arrays, types)
+                if converted is None:
+                    raise ImportFailure(f"{src.relpath}: values near line {line_of(accepted)} do not convert")
             accepted += batch.num_rows
-            out = []
-            for name, kind in columns:
-                if name in arrays:
-                    arr = arrays[name]
-                    if kind == schema.REAL:
-                        arr = pc.cast(pc.utf8_trim_whitespace(arr), pa.float64())
-                        if pc.any(pc.is_nan(arr)).as_py():  # Rotation 'nan': unknown, so NULL
-                            arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, pa.float64()), arr)
-                    elif kind in (schema.INT, schema.BIGINT):
-                        arr = pc.cast(pc.cast(pc.utf8_trim_whitespace(arr), pa.float64()), pa.int64())
-                    out.append(arr)
-                elif name in consts and callable(consts[name]):
-                    out.append(consts[name](arrays))
-                else:
-                    value = consts.get(name)
-                    out.append(_constant(value, kind, n))
-            progress.done_bytes = f.tell()
+            for name in columns_from_file_or_computed:
+                if name not in converted:
+                    converted[name] = consts[name](converted)  # type: ignore[operator]
+            progress.done_bytes = int((progress.rows + n) * row_bytes)
             progress.rows += n
-            yield pa.RecordBatch.from_arrays(out, names=[c for c, _ in columns])
+            yield pa.RecordBatch.from_arrays(
+                [converted[c] for c in columns_from_file_or_computed], names=columns_from_file_or_computed
+            )
     except pa.ArrowInvalid as e:
         raise ImportFailure(f"{src.relpath}: cannot parse: {e}") from None
     finally:
         f.close()
         finder.close()
+
+
+def _bytes_per_row(path: Path) -> float:
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    return len(head) / max(1, head.count(b"\n"))
+
+
+def _convert(arrays: dict, types: dict[str, str]) -> dict | None:
+    """String columns to their types; None when a value does not convert (rare: then per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out = {}
+    try:
+        for name, arr in arrays.items():
+            kind = types[name]
+            if kind == schema.REAL:
+                arr = pc.cast(arr, pa.float64())
+                if pc.any(pc.is_nan(arr)).as_py():  # Rotation 'nan': unknown, so NULL
+                    arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, pa.float64()), arr)
+            elif kind in (schema.INT, schema.BIGINT):
+                arr = pc.cast(pc.cast(arr, pa.float64()), pa.int64())
+            elif name == "image_id" and arr.null_count:
+                return None  # an annotation without an image is useless
+            out[name] = arr
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return out
+
+
+def _valid_rows(arrays: dict, types: dict[str, str]):  # noqa: ANN202
+    """A boolean mask of the rows whose every number parses and that name an image."""
+    import pyarrow.compute as pc
+
+    ok = None
+    for name, arr in arrays.items():
+        kind = types[name]
+        if kind == schema.TEXT:
+            m = pc.invert(pc.is_null(arr)) if name == "image_id" else None
+        else:
+            m = pc.match_substring_regex(arr, _INT_RE if kind in (schema.INT, schema.BIGINT) else _NUM_RE)
+            m = pc.or_kleene(m, pc.is_null(arr))
+        if m is not None:
+            ok = m if ok is None else pc.and_(ok, m)
+    return ok
 
 
 def _arrow_type(kind: str):  # noqa: ANN202
@@ -401,23 +436,49 @@ class ImportFailure(Exception):
 # ------------------------------------------------------------------------------------------
 
 
-def write_batches(db: Database, table: str, columns: list[str], batches: Iterator) -> int:
-    """Append ``batches`` (RecordBatches) to ``table``; returns rows written."""
+def _literal(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, int):
+        return str(int(value))
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def write_batches(db: Database, table: str, batches: Iterator, literals: dict[str, object] | None = None) -> int:
+    """Append ``batches`` (RecordBatches) to ``table``, every row also getting ``literals``.
+
+    Constant columns (split, kind, file_id) travel as SQL literals / one CSV column built by
+    pyarrow, never as a Python object per row. Returns rows written.
+    """
+    literals = {k: v for k, v in (literals or {}).items() if v is not None}
     total = 0
+    first = next(batches, None)
+    if first is None:
+        return 0
+    literals = {k: v for k, v in literals.items() if k not in first.schema.names}  # the file's own column wins
+    batches = itertools.chain([first], batches)
     if db.backend == "sqlite":
-        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        sql = None
         for b in batches:
+            if sql is None:
+                names = [*b.schema.names, *literals]
+                values = ["?"] * b.num_columns + [_literal(v) for v in literals.values()]
+                sql = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(values)})"
             py = [c.to_pylist() for c in b.columns]
             db.conn.executemany(sql, zip(*py))
             total += b.num_rows
         return total
+    import pyarrow as pa
     import pyarrow.csv as pcsv
 
     opts = pcsv.WriteOptions(include_header=False, quoting_style="needed")
+    names = [*first.schema.names, *literals]
     with db.conn.cursor() as cur:
         # the server parses CSV: pyarrow writes it from the arrays (C), psycopg streams it
-        with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT csv)") as cp:
+        with cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT csv)") as cp:
             for b in batches:
+                for v in literals.values():
+                    b = b.append_column("c" + str(b.num_columns), pa.repeat(pa.scalar(v), b.num_rows))
                 buf = io.BytesIO()
                 pcsv.write_csv(b, buf, opts)
                 cp.write(buf.getbuffer())
@@ -474,12 +535,11 @@ def import_file(db: Database, src: Source, root: Path, out: Callable[[str], None
             prefix, pc.utf8_slice_codeunits(a["image_id"], 0, 1), ".zip", ""
         )
 
+    # constants for every row (split is the file's own Subset column where it has one)
+    lits = {k: v for k, v in consts.items() if not callable(v) and k in names}
     if src.fmt == "csv" and src.table == "images":
-        cols_images = cols
-        consts.pop("split")
-        consts["split"] = src.split  # used only where the list has no Subset column
         stage = _stage(db, "images")
-        n = write_batches(db, stage, names, read_csv_batches(src, cols_images, consts, bad, progress))
+        n = write_batches(db, stage, read_csv_batches(src, cols, consts, bad, progress), lits)
         _merge_images(db, stage)
         return FileResult(n, bad.count)
     if src.fmt == "csv" and src.table == "relationship_triplets":
@@ -491,13 +551,19 @@ def import_file(db: Database, src: Source, root: Path, out: Callable[[str], None
         return FileResult(len(rows), bad.count)
     if src.fmt == "csv":
         batches = read_csv_batches(src, cols, consts, bad, progress)
-        if src.table == "image_labels" and src.extra.get("boxable") and _has_full_sibling(db, src):
+        merge = src.table == "image_labels" and src.extra.get("boxable") and _has_full_sibling(db, src)
+        if db.backend == "postgres" and not merge and not any(callable(v) for v in consts.values()):
+            n = _copy_raw(db, src, lits, progress)
+            if n is not None:
+                return FileResult(n, 0)
+            progress.rows = progress.done_bytes = 0
+        if merge:
             # a label in both the full file and this -boxable subset is stored once
             if db.backend == "sqlite":  # the anti-join below needs it; PostgreSQL hashes instead
                 for stmt in schema.index_sql(schema.BY_NAME["image_labels"]):
                     db.execute(stmt)
             stage = _stage(db, "image_labels")
-            n = write_batches(db, stage, names, batches)
+            n = write_batches(db, stage, batches, lits)
             cur = db.execute(
                 f"INSERT INTO image_labels SELECT * FROM {stage} s WHERE NOT EXISTS (SELECT 1 FROM image_labels l "
                 "WHERE l.image_id = s.image_id AND l.mid = s.mid AND l.source = s.source AND l.kind = s.kind "
@@ -507,7 +573,7 @@ def import_file(db: Database, src: Source, root: Path, out: Callable[[str], None
             if n - kept:
                 out(f"note: {src.relpath}: {n - kept} of {n} rows are already in the full label file; stored once")
             return FileResult(kept, bad.count)
-        n = write_batches(db, src.table, names, batches)
+        n = write_batches(db, src.table, batches, lits)
         return FileResult(n, bad.count)
     if src.fmt == "names":
         rows = _small_csv(src, bad, 2, header_first="labelname")
@@ -544,8 +610,49 @@ def import_file(db: Database, src: Source, root: Path, out: Callable[[str], None
     if src.fmt == "hierarchy":
         return _load_hierarchy(db, src, bad)
     if src.fmt == "jsonl":
-        return FileResult(write_batches(db, "narratives", names, _narrative_batches(src, cols, file_id, bad, progress)), bad.count)
+        return FileResult(write_batches(db, "narratives", _narrative_batches(src, cols, file_id, bad, progress)), bad.count)
     raise AssertionError(src.fmt)
+
+
+def _copy_raw(db: Database, src: Source, lits: dict[str, object], progress: Progress) -> int | None:
+    """PostgreSQL: stream the file's bytes as they are into ``COPY`` (the server parses).
+
+    The fastest path, for a file whose every column maps to the table. A malformed row makes
+    the server refuse the whole COPY: then this rolls back to a savepoint and returns None,
+    and the file goes through the validating reader, which reports and skips the bad rows.
+    Constant columns (split, kind, file_id) are column DEFAULTs for the length of the COPY
+    (transactional DDL: a killed import leaves no trace of them).
+    """
+    import psycopg
+
+    header = [h.strip() for h in _sniff_header(src.path)]
+    mapping = _HEADER_MAP[src.table]
+    cols = [mapping.get(h.lower().replace("_", "")) for h in header]
+    types = dict(schema.BY_NAME[src.table].columns)
+    if not cols or None in cols or len(set(cols)) != len(cols) or "image_id" not in cols:
+        return None
+    text_cols = [c for c in cols if types[c] == schema.TEXT]
+    lits = {k: v for k, v in lits.items() if k not in cols}
+    db.execute("SAVEPOINT raw_copy")
+    try:
+        for k, v in lits.items():
+            db.execute(f"ALTER TABLE {src.table} ALTER COLUMN {k} SET DEFAULT {_literal(v)}")
+        with db.conn.cursor() as cur:
+            with cur.copy(
+                f"COPY {src.table} ({', '.join(cols)}) FROM STDIN (FORMAT csv, HEADER true, FORCE_NULL ({', '.join(text_cols)}))"
+            ) as cp, src.path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    cp.write(block)
+                    progress.done_bytes += len(block)
+            n = cur.rowcount
+        progress.rows = n
+        for k in lits:
+            db.execute(f"ALTER TABLE {src.table} ALTER COLUMN {k} DROP DEFAULT")
+        db.execute("RELEASE SAVEPOINT raw_copy")
+        return n
+    except psycopg.DataError:
+        db.execute("ROLLBACK TO SAVEPOINT raw_copy")
+        return None
 
 
 def _has_full_sibling(db: Database, src: Source) -> bool:
