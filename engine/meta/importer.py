@@ -578,7 +578,7 @@ def import_file(db: Database, src: Source, root: Path, out: Callable[[str], None
     if src.fmt == "names":
         rows = _small_csv(src, bad, 2, header_first="labelname")
         stage = _stage(db, "classes")
-        db.executemany(f"INSERT INTO {stage} (mid, name) VALUES (?, ?)", rows)
+        write_batches(db, stage, iter([rows_to_batch([("mid", schema.TEXT), ("name", schema.TEXT)], rows)]))
         db.execute(
             f"INSERT INTO classes (mid, name) SELECT mid, MAX(name) FROM {stage} GROUP BY mid "
             "ON CONFLICT (mid) DO UPDATE SET name = COALESCE(excluded.name, classes.name)"
@@ -669,23 +669,30 @@ def _merge_images(db: Database, stage: str) -> None:
 
 
 def _load_list(db: Database, mids: list[str], lst: str, rank: int, file_id: int) -> None:
-    db.executemany(
-        "INSERT INTO class_lists (mid, list, rank, file_id) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        [(m, lst, rank, file_id) for m in mids],
+    stage = _stage(db, "class_lists")
+    write_batches(db, stage, iter([rows_to_batch([("mid", schema.TEXT)], [(m,) for m in mids])]),
+                  {"list": lst, "rank": rank, "file_id": file_id})
+    db.execute(
+        f"INSERT INTO class_lists (mid, list, rank, file_id) SELECT DISTINCT mid, list, rank, file_id FROM {stage} "
+        "WHERE true ON CONFLICT DO NOTHING"
     )
+    db.execute(f"INSERT INTO classes (mid) SELECT DISTINCT mid FROM {stage} WHERE true ON CONFLICT (mid) DO NOTHING")
 
 
 def refresh_class_flags(db: Database) -> None:
-    """classes.boxable/trainable/segmentable from the newest list of each name."""
+    """classes.boxable/trainable/segmentable from the newest list of each name (set-based: fast on both)."""
     db.execute(
         "INSERT INTO classes (mid) SELECT DISTINCT mid FROM class_lists WHERE true ON CONFLICT (mid) DO NOTHING"
     )
     for flag, lst in (("boxable", "boxable"), ("trainable", "trainable"), ("segmentable", "segmentable")):
+        newest = db.query("SELECT MAX(rank) FROM class_lists WHERE list = ?", (lst,))[0][0]
+        if newest is None:
+            db.execute(f"UPDATE classes SET {flag} = NULL WHERE {flag} IS NOT NULL")
+            continue
+        db.execute(f"UPDATE classes SET {flag} = 0")
         db.execute(
-            f"UPDATE classes SET {flag} = CASE WHEN NOT EXISTS (SELECT 1 FROM class_lists WHERE list = ?) THEN NULL "
-            f"WHEN EXISTS (SELECT 1 FROM class_lists l WHERE l.list = ? AND l.mid = classes.mid AND l.rank = "
-            f"(SELECT MAX(rank) FROM class_lists WHERE list = ?)) THEN 1 ELSE 0 END",
-            (lst, lst, lst),
+            f"UPDATE classes SET {flag} = 1 WHERE mid IN (SELECT mid FROM class_lists WHERE list = ? AND rank = ?)",
+            (lst, newest),
         )
 
 
@@ -832,8 +839,6 @@ def run_import(
             if display:
                 display.start(src, st.st_size, progress)
             result = import_file(db, src, root, out, progress)
-            if src.table in ("classes", "class_lists"):
-                refresh_class_flags(db)
             db.execute(
                 "INSERT INTO imports (path, kind, size, mtime_ns, rows, skipped, imported_at, file_id, slot, rank) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -866,6 +871,10 @@ def run_import(
         summary.malformed += result.skipped
         summary.per_table[src.table] = summary.per_table.get(src.table, 0) + result.rows
         loaded_tables.add(src.table)
+    # the class flags from whatever lists are imported now (cheap; also repairs a killed run)
+    db.begin()
+    refresh_class_flags(db)
+    db.commit()
     # always (IF NOT EXISTS): an import interrupted before this point gets them on the re-run
     t0 = time.monotonic()
     if loaded_tables:
