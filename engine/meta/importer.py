@@ -317,7 +317,8 @@ def read_csv_batches(
     try:
         reader = pcsv.open_csv(
             f,
-            read_options=pcsv.ReadOptions(block_size=4 << 20, column_names=file_cols, skip_rows=n_header, encoding="utf8"),
+            read_options=pcsv.ReadOptions(block_size=1 << 20,  # 1 MB: ~7k rows of Python objects at a time
+                                          column_names=file_cols, skip_rows=n_header, encoding="utf8"),
             parse_options=pcsv.ParseOptions(invalid_row_handler=on_invalid),
             convert_options=pcsv.ConvertOptions(
                 column_types={c: pa.string() for c in file_cols}, include_columns=present, strings_can_be_null=True,

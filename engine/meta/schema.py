@@ -78,11 +78,13 @@ TABLES: tuple[Table, ...] = (
         indexes=(("split",),),
     ),
     # --- annotations (no primary key: bulk-loaded, indexed afterwards) --------------------
+    # (mid, image_id) covers "which images have class X" without touching the table: the
+    # images of the most frequent class of 3M boxes in milliseconds instead of seconds
     # kind: 'human' (verified; confidence 0 = verified absent, 1 = present) or 'machine'
     Table("image_labels", _cols("image_id:text split:text source:text mid:text confidence:real kind:text file_id:int"),
-          indexes=(("image_id",), ("mid",))),
+          indexes=(("image_id",), ("mid", "image_id"))),
     Table("boxes", _cols(f"image_id:text split:text source:text mid:text confidence:real {_BOX} {_FLAGS} {_CLICKS} file_id:int"),
-          indexes=(("image_id",), ("mid",))),
+          indexes=(("image_id",), ("mid", "image_id"))),
     # mask_zip: the zip (relative to the metadata directory) holding mask_path
     Table(
         "segmentations",
@@ -90,7 +92,7 @@ TABLES: tuple[Table, ...] = (
             "image_id:text split:text mid:text box_id:text mask_path:text mask_zip:text box_x_min:real "
             "box_x_max:real box_y_min:real box_y_max:real predicted_iou:real clicks:text file_id:int"
         ),
-        indexes=(("image_id",), ("mid",)),
+        indexes=(("image_id",), ("mid", "image_id")),
     ),
     Table(
         "relationships",
@@ -107,7 +109,7 @@ TABLES: tuple[Table, ...] = (
             "image_id:text split:text x:real y:real mid:text estimated_yes_no:text source:text yes_votes:int "
             "no_votes:int unsure_votes:int text_label:text file_id:int"
         ),
-        indexes=(("image_id",), ("mid",)),
+        indexes=(("image_id",), ("mid", "image_id")),
     ),
     # localized narratives; timed_caption and traces as JSON text
     Table(
