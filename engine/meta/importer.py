@@ -32,6 +32,7 @@ from pathlib import Path
 
 from engine.meta import schema
 from engine.meta.db import Database, DatabaseError, connect, describe, is_postgres
+from engine.meta.download import _eta
 
 #: what ``--only`` accepts
 KINDS = ("classes", "images", "labels", "boxes", "segmentations", "relationships", "points", "narratives")
@@ -925,9 +926,10 @@ class _Display:
                     dt = max(time.monotonic() - t0, 1e-9)
                     rate = progress.rows / dt
                     frac = progress.done_bytes / size if size else 0
-                    eta = (dt / frac - dt) if frac > 0 else 0
+                    frac = min(frac, 1.0)
+                    eta = _eta(dt / frac - dt) if frac > 0 else "?"
                     print(
-                        f"{src.relpath}: {progress.rows:,} rows ({100 * frac:.0f}%), {rate:,.0f} rows/s, ETA {eta:,.0f} s",
+                        f"{src.relpath}: {progress.rows:,} rows ({100 * frac:.0f}%), {rate:,.0f} rows/s, ETA {eta}",
                         file=sys.stderr, flush=True,
                     )
 
