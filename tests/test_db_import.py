@@ -227,3 +227,27 @@ def test_sigkill_mid_file_leaves_the_last_complete_state(target: str, tmp_path: 
     assert counts(target)["boxes"] == rows
     if not target.startswith("postgresql"):
         assert sqlite3.connect(target).execute("SELECT COUNT(*) FROM imports").fetchone()[0] == 2
+
+
+@pytest.mark.timeout(300)
+def test_bench_db_import_smoke(tmp_path: Path) -> None:
+    """The bench scenario end to end on a small file: both loaders, both backends, the query."""
+    import json
+    import shutil as _shutil
+
+    from pg import find_bindir
+
+    if _shutil.which("sqlite3") is None or find_bindir() is None:
+        pytest.skip("needs the sqlite3 CLI and PostgreSQL (scripts/test installs both)")
+    out = tmp_path / "r.json"
+    p = subprocess.run(
+        [__import__("sys").executable, "-m", "bench", "run", "--scenario", "db-import", "--db-rows", "20000",
+         "--work-dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=280, cwd=REPO,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for backend in ("sqlite", "postgres"):
+        b = r[backend]
+        assert b["reference"]["rows_per_s"] > 0 and b["engine"]["rows_per_s"] > 0 and b["ratio"] > 0
+        assert b["query"]["images"] > 0
