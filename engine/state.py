@@ -51,11 +51,20 @@ CREATE INDEX IF NOT EXISTS images_status ON images(status, reason);
 CREATE TABLE IF NOT EXISTS outputs (
     image_id TEXT NOT NULL,
     variant  TEXT NOT NULL,            -- 'original' or the variant's name (its directory)
-    path     TEXT NOT NULL,            -- relative to --out
+    path     TEXT NOT NULL,            -- relative to --out: the file, or the shard holding the image
     bytes    INTEGER NOT NULL,
     width    INTEGER,
     height   INTEGER,
+    shard_offset INTEGER,              -- NULL for a file; in a shard: tar data offset, TFRecord record offset, parquet row
     PRIMARY KEY (image_id, variant)
+);
+CREATE TABLE IF NOT EXISTS shards (
+    path       TEXT PRIMARY KEY,       -- relative to --out, e.g. 256/00007.tar
+    variant    TEXT NOT NULL,
+    format     TEXT NOT NULL,          -- webdataset | tfrecord | parquet
+    images     INTEGER NOT NULL,
+    bytes      INTEGER NOT NULL,
+    created_at REAL NOT NULL
 );
 """
 
@@ -67,6 +76,7 @@ class OutputRow:
     nbytes: int
     width: int | None
     height: int | None
+    offset: int | None = None  # where in its shard (None for a file)
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,9 @@ def init(path: Path | str) -> None:
     try:
         with conn:
             conn.executescript(SCHEMA)
+            # state DBs made before shards existed: add the column (SQLite has no ADD COLUMN IF NOT EXISTS)
+            if "shard_offset" not in {r[1] for r in conn.execute("PRAGMA table_info(outputs)")}:
+                conn.execute("ALTER TABLE outputs ADD COLUMN shard_offset INTEGER")
             conn.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -137,10 +150,15 @@ def finished_ids(conn: sqlite3.Connection, ids: Sequence[str], *, include_failed
     return out
 
 
-def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow]) -> None:
-    """One transaction for a batch: images upserted, their outputs replaced."""
+def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow], shards: Iterable = ()) -> None:
+    """One transaction for a batch: images upserted, their outputs replaced, and the shards
+    (``engine.sinks.shards.ShardRecord``) that hold them recorded in the same commit."""
     now = time.time()
     with conn:
+        conn.executemany(
+            "INSERT OR REPLACE INTO shards(path, variant, format, images, bytes, created_at) VALUES (?,?,?,?,?,?)",
+            [(s.path, s.variant, s.format, s.images, s.nbytes, now) for s in shards],
+        )
         for r in rows:
             conn.execute(
                 "INSERT INTO images(image_id, status, reason, detail, url, bytes, md5, width, height, format,"
@@ -171,9 +189,15 @@ def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow]) -> None:
             conn.execute("DELETE FROM outputs WHERE image_id=?", (r.image_id,))
             if r.outputs:
                 conn.executemany(
-                    "INSERT INTO outputs(image_id, variant, path, bytes, width, height) VALUES (?,?,?,?,?,?)",
-                    [(r.image_id, o.variant, o.path, o.nbytes, o.width, o.height) for o in r.outputs],
+                    "INSERT INTO outputs(image_id, variant, path, bytes, width, height, shard_offset)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    [(r.image_id, o.variant, o.path, o.nbytes, o.width, o.height, o.offset) for o in r.outputs],
                 )
+
+
+def shard_paths(conn: sqlite3.Connection) -> set[str]:
+    """Paths of every committed shard (a ``.part`` file not named here was never committed)."""
+    return {r[0] for r in conn.execute("SELECT path FROM shards")}
 
 
 def status_counts(conn: sqlite3.Connection) -> dict[tuple[str, str | None], int]:
