@@ -160,7 +160,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         default="files",
         help="files: one file per image and variant; webdataset: tar shards (PyTorch); tfrecord: tf.train.Example "
         "shards with the TF Object Detection API's keys; parquet: one row per image. Shards go to "
-        "OUT/<variant>/NNNNN.<tar|tfrecord|parquet> with an NNNNN.json index, and appear only once complete",
+        "OUT/<variant>/NNNNN.<tar|tfrecord|parquet> (an _NNNNN.json index beside each), and appear only once complete",
     )
     g.add_argument("--shard-size", type=_positive(), default=OutputConfig.shard_rows,
                    help="images per shard (all variants are cut together)")

@@ -1,6 +1,6 @@
 """Shard sets: numbering, cutting, and making a finished shard appear exactly once.
 
-One shard set per variant, ``OUT/<variant>/NNNNN.<ext>``, with ``NNNNN.json`` (stats and the
+One shard set per variant, ``OUT/<variant>/NNNNN.<ext>``, with ``_NNNNN.json`` (stats and the
 index of the shard: ImageID, offset, bytes, size of every sample). The variants of a run are
 cut together, so shard ``00007`` of every variant holds the same images: a group is cut
 when it has ``shard_rows`` images or any of its shards reaches ``shard_bytes``.
@@ -9,7 +9,7 @@ Exactly once, even across SIGKILL:
 
 1. samples are appended to ``NNNNN.<ext>.part``; rows of an open shard are *not* committed;
 2. a cut completes every shard of the group (trailer, fsync) and its index
-   ``NNNNN.json.part`` (fsync);
+   ``_NNNNN.json.part`` (fsync);
 3. one state-DB transaction commits the group's rows, their ``outputs`` (shard path and
    offset) and the ``shards`` rows;
 4. only then are the ``.part`` files renamed to their final names (and the directory fsynced).
@@ -35,7 +35,7 @@ from ..layout import validate_variant
 from ..state import OutputRow
 from .base import SHARD_EXT, Sample, ShardWriter, fsync_dir
 
-_NAME = re.compile(r"(\d{5,})\.(tar|tfrecord|parquet|json)(\.part)?")
+_NAME = re.compile(r"_?(\d{5,})\.(tar|tfrecord|parquet|json)(\.part)?")
 INDEX_EXT = "json"
 
 
@@ -68,6 +68,12 @@ class Sealed:
 
 def shard_name(number: int, ext: str) -> str:
     return f"{number:05d}.{ext}"
+
+
+def index_name(shard: str) -> str:
+    """``00007.tar`` -> ``_00007.json``: the leading underscore keeps it out of pyarrow's, Spark's
+    and datasets' directory reads (``pd.read_parquet("OUT/256/")``) as metadata files are."""
+    return f"_{shard.split('.', 1)[0]}.{INDEX_EXT}"
 
 
 def recover(out_dir: Path, committed: Iterable[str]) -> int:
@@ -159,7 +165,7 @@ class ShardGroup:
             w = o.writer
             w.finish()
             final = self.out_dir / o.rel
-            idx_final = final.with_suffix(f".{INDEX_EXT}")
+            idx_final = final.with_name(index_name(final.name))
             idx_part = idx_final.with_name(idx_final.name + ".part")
             stats = {
                 "shard": final.name,
@@ -178,7 +184,7 @@ class ShardGroup:
                 f.flush()
                 os.fsync(f.fileno())
             records.append(ShardRecord(o.rel, o.variant, self.fmt, w.samples, w.nbytes))
-            # the shard first, its index last: a reader that sees NNNNN.json finds NNNNN.<ext>
+            # the shard first, its index last: a reader that sees _NNNNN.json finds NNNNN.<ext>
             renames.append((w.path, final))
             renames.append((idx_part, idx_final))
         self.open = {}
