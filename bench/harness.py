@@ -480,7 +480,7 @@ def run(cfg: BenchConfig, scenarios: Sequence[str], log: Callable[[str], None] =
         competitors.ensure_img2dataset()
     _compile_engine()
     started = time.time()
-    n_photos = max(cfg.images, cfg.slow_images)  # one corpus for every scenario: cached once
+    n_photos = max(cfg.images, cfg.slow_images, cfg.shard_images)  # one corpus for every scenario: cached once
     log(f"corpus: {n_photos} photo-like JPEGs under {cfg.work_dir} (cached after the first run)")
     t0 = time.monotonic()
     corpus = photo_corpus(cfg, n_photos)
