@@ -123,12 +123,15 @@ class AnnotationSource:
         self.names: dict[str, str] = dict(self._query("SELECT mid, name FROM classes", ()))
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
-        cur = self.conn.cursor()
         try:
-            cur.execute(sql, tuple(params))
-            return cur.fetchall()
-        finally:
-            cur.close()
+            cur = self.conn.cursor()
+            try:
+                cur.execute(sql, tuple(params))
+                return cur.fetchall()
+            finally:
+                cur.close()
+        except Exception as e:  # sqlite3.Error, psycopg.Error: one clear message, not a writer crash loop
+            raise AnnotationsError(f"query on {self.target.split('@')[-1]} failed: {e}") from None
 
     def lookup(self, image_ids: Sequence[str]) -> dict[str, ImageAnnotations]:
         """Annotations of every image in ``image_ids`` (an entry for each, empty when none)."""
