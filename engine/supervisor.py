@@ -316,7 +316,7 @@ class Supervisor:
             except StopIteration:
                 self.feed_done = True
                 break
-            except inputs.ListError as e:  # a list that breaks part-way (e.g. a truncated .gz)
+            except inputs.ListError as e:  # a list gone since the start (breaks part-way: _list_broken)
                 log.error("%s; the rows before it are processed, the rest of that list is not", e)
                 self.feed_done = True
                 break

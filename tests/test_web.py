@@ -16,8 +16,10 @@ import struct
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -100,27 +102,40 @@ class DevTools:
         self.sock.close()
 
 
-def _open_page(browser: subprocess.Popen, url: str) -> DevTools:
-    """The DevTools connection to the page Chromium opened at ``url``, once it has loaded."""
-    assert browser.stderr is not None
-    port = None
-    deadline = time.monotonic() + 60
-    while port is None and time.monotonic() < deadline:
-        line = browser.stderr.readline()
-        if not line:
-            break
-        m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
-        if m:
-            port = int(m.group(1))
-    assert port, "chromium did not start its DevTools server"
-    targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
-    page = next(t for t in targets if t.get("type") == "page" and t["url"].startswith(url))
-    dt = DevTools(page["webSocketDebuggerUrl"])
-    deadline = time.monotonic() + 30
-    while dt.eval("document.readyState + ':' + !!document.getElementById('status')") != "complete:true":
-        assert time.monotonic() < deadline, "the page never loaded"
-        time.sleep(0.2)
-    return dt
+@contextmanager
+def _page(url: str, tmp_path: Path, *flags: str) -> Iterator[DevTools]:
+    """A headless Chromium showing ``url``: its DevTools connection once the page has loaded."""
+    browser = subprocess.Popen([CHROMIUM, *FLAGS, *flags, f"--user-data-dir={tmp_path / 'chrome'}", url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert browser.stderr is not None
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = browser.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                port = int(m.group(1))
+        assert port, "chromium did not start its DevTools server"
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        page = next(t for t in targets if t.get("type") == "page" and t["url"].startswith(url))
+        dt = DevTools(page["webSocketDebuggerUrl"])
+        try:
+            deadline = time.monotonic() + 30
+            while dt.eval("document.readyState + ':' + !!document.getElementById('status')") != "complete:true":
+                assert time.monotonic() < deadline, "the page never loaded"
+                time.sleep(0.2)
+            yield dt
+        finally:
+            dt.close()
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            kill_tree_on_failure(browser)
 
 
 PAGE_STATE = """(() => {
@@ -144,14 +159,10 @@ PAGE_STATE = """(() => {
 def test_web_ui_live_in_chromium(tmp_path: Path, corpus, server) -> None:
     _, items = corpus
     run = start_run(tmp_path, items, server, ["--ui", "none", "--web-port", "0"], ["web"])
-    browser = None
     try:
         url = run.urls["web"]
         assert url.startswith("http://127.0.0.1:")
-        browser = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chrome'}", url],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        dt = _open_page(browser, url)
-        try:
+        with _page(url, tmp_path) as dt:
             states = []
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
@@ -175,15 +186,7 @@ def test_web_ui_live_in_chromium(tmp_path: Path, corpus, server) -> None:
             assert all(max(w, h) <= 128 for _, w, h in last["images"]), last["images"]
             assert last["chartInk"] > 0, "the rate chart drew nothing"
             assert any(int(s["downloading"]) > 0 and s["transfers"] > 0 for s in states)
-        finally:
-            dt.close()
     finally:
-        if browser is not None:
-            browser.terminate()
-            try:
-                browser.wait(10)
-            except subprocess.TimeoutExpired:
-                kill_tree_on_failure(browser)
         assert run.stop() in (0, 130)
 
 
@@ -260,16 +263,12 @@ def test_panels_fit_their_width(tmp_path: Path) -> None:
     stats = Stats.create(1, 2)
     holder = _Holder()
     close = None
-    browser = None
     try:
         _fill_board(stats)
         holder.data = LiveData(stats, tmp_path)
         holder.data.sample()
         close, url = serve_web(holder, "127.0.0.1", 0)
-        browser = subprocess.Popen([CHROMIUM, *FLAGS, "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chrome'}",
-                                    url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        dt = _open_page(browser, url)
-        try:
+        with _page(url, tmp_path, "--window-size=1400,1000") as dt:
             assert dt.eval("window.innerWidth") == 1400
             deadline = time.monotonic() + 20
             while dt.eval("document.querySelectorAll('#recent-ok tr').length") == 0:
@@ -290,15 +289,7 @@ def test_panels_fit_their_width(tmp_path: Path) -> None:
                 if width == 1400:
                     shot = dt.call("Page.captureScreenshot", format="png")
                     (tmp_path / "web-1400.png").write_bytes(base64.b64decode(shot["data"]))
-        finally:
-            dt.close()
     finally:
-        if browser is not None:
-            browser.terminate()
-            try:
-                browser.wait(10)
-            except subprocess.TimeoutExpired:
-                kill_tree_on_failure(browser)
         if close is not None:
             close()
         holder.data = None
