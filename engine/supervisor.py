@@ -279,7 +279,7 @@ class Supervisor:
 
     def _list_broken(self, e: inputs.ListBroken) -> None:
         """A list that breaks part-way: its rows so far are done, the next list is read."""
-        text = f"{e.path}: line {e.line}: {e.reason} ({e.detail})"
+        text = f"{e.path}: unreadable after line {e.line}: {e.reason} ({e.detail})"
         log.error("%s; the rows before it are processed, the rest of that list is not", text)
         self.broken_lists.append(text)
         state.list_broken(self.db, self.list_ids[e.list_index], e.reason.value, e.line, e.detail)
@@ -318,6 +318,7 @@ class Supervisor:
                 break
             except inputs.ListError as e:  # a list gone since the start (breaks part-way: _list_broken)
                 log.error("%s; the rows before it are processed, the rest of that list is not", e)
+                self.broken_lists.append(str(e))
                 self.feed_done = True
                 break
             key = self._key(item)

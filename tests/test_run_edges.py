@@ -60,9 +60,9 @@ def test_a_broken_list_does_not_stop_the_others(tmp_path: Path, corpus, server) 
     assert reason == "truncated" and line == len(read_of_b) + 1 and detail  # header + its rows
     # the log and the summary both name the file, the line and the reason
     log_lines = [x for x in p.stderr.splitlines() if "ERROR" in x]
-    assert any(f"{b}: line {line}: truncated" in x for x in log_lines), p.stderr
+    assert any(f"{b}: unreadable after line {line}: truncated" in x for x in log_lines), p.stderr
     summary = p.stderr[p.stderr.index("incomplete in"):]
-    assert f"{b}: line {line}: truncated" in summary and "could not be read to the end" in summary
+    assert f"{b}: unreadable after line {line}: truncated" in summary and "could not be read to the end" in summary
 
 
 #: the state DB as version 1 made it, before lists had error columns
