@@ -750,10 +750,12 @@ def count_main(lists: tuple[str, ...], subset: str | None, limit: int | None, la
 
     child_init("counter")
     os.nice(10)  # only the ETA waits for it: never take a core from the pipeline at start-up
-    try:
-        n = inputs.count_rows(list(lists), subset=subset)
-    except inputs.ListError:
-        return  # the run reports list errors itself; the count only feeds the ETA
+    n = 0
+    for path in lists:  # one by one: a list that breaks part-way leaves the others' count
+        try:
+            n += inputs.count_rows([path], subset=subset)
+        except inputs.ListError:
+            pass  # the run reports list errors itself; the count only feeds the progress and ETA
     if limit is not None:
         n = min(n, limit)
     stats = Stats.attach(layout, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import multiprocessing as mp
 import io
 import random
 import sqlite3
@@ -17,7 +18,26 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import comm, db_rows, run_cli, write_list
 from engine import state
 from engine.cli import EXIT_INCOMPLETE
+from engine.stats import F, Stats
+from engine.supervisor import count_main
 from obs_run import check_first_scrape, start_run
+
+
+def _cut_gz_list(path: Path, items, base_url: str) -> Path:
+    """A gzipped list cut off two thirds in, as a download that stopped part-way leaves it.
+
+    Long, incompressible titles: the list is read well past its first 64 KiB (where its
+    format is recognised) before it breaks, as a real 9M-row list would be.
+    """
+    rng = random.Random(14)
+    records = list(csv.reader(write_list(path.with_suffix(""), items, base_url).open(newline="")))
+    for record in records[1:]:
+        record[7] = rng.randbytes(8192).hex()
+    text = io.StringIO()
+    csv.writer(text).writerows(records)
+    whole = gzip.compress(text.getvalue().encode())
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    return path
 
 
 def test_a_broken_list_does_not_stop_the_others(tmp_path: Path, corpus, server) -> None:
@@ -25,17 +45,7 @@ def test_a_broken_list_does_not_stop_the_others(tmp_path: Path, corpus, server) 
     items = [i for i in corpus[1] if i.broken is None and i.size < 400_000][:18]
     first, second, third = items[:4], items[4:14], items[14:]
     a = write_list(tmp_path / "a.csv", first, server.base_url)
-    # Long, incompressible titles: the list is read well past its first 64 KiB (where its
-    # format is recognised) before it breaks, as a real 9M-row list would be.
-    rng = random.Random(14)
-    records = list(csv.reader(write_list(tmp_path / "b.csv", second, server.base_url).open(newline="")))
-    for record in records[1:]:
-        record[7] = rng.randbytes(8192).hex()
-    text = io.StringIO()
-    csv.writer(text).writerows(records)
-    whole = gzip.compress(text.getvalue().encode())
-    b = tmp_path / "b.csv.gz"
-    b.write_bytes(whole[: len(whole) * 2 // 3])  # a download of the list that was cut off
+    b = _cut_gz_list(tmp_path / "b.csv.gz", second, server.base_url)
     c = write_list(tmp_path / "c.csv", third, server.base_url)
     out = tmp_path / "out"
     p = run_cli(["run", a, b, c, "--out", out, "--sizes", "64", "--procs", "2", "--ui", "plain",
@@ -63,6 +73,24 @@ def test_a_broken_list_does_not_stop_the_others(tmp_path: Path, corpus, server) 
     assert any(f"{b}: unreadable after line {line}: truncated" in x for x in log_lines), p.stderr
     summary = p.stderr[p.stderr.index("incomplete in"):]
     assert f"{b}: unreadable after line {line}: truncated" in summary and "could not be read to the end" in summary
+
+
+def test_rows_are_counted_past_a_broken_list(tmp_path: Path, corpus, server) -> None:
+    # the progress total and ETA still work: the counter counts the lists that can be counted
+    items = corpus[1]
+    a = write_list(tmp_path / "a.csv", items[:7], server.base_url)
+    b = _cut_gz_list(tmp_path / "b.csv.gz", items[20:30], server.base_url)
+    c = write_list(tmp_path / "c.csv", items[7:12], server.base_url)
+    stats = Stats.create(1, 1)
+    try:
+        counter = mp.get_context("spawn").Process(target=count_main, args=((str(a), str(b), str(c)), None, None,
+                                                                           stats.layout))
+        counter.start()
+        counter.join(60)
+        assert counter.exitcode == 0
+        assert stats.m[0, F.EXPECTED] == 12
+    finally:
+        stats.close()
 
 
 #: the state DB as version 1 made it, before lists had error columns
