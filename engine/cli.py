@@ -17,7 +17,18 @@ from .variants import DEFAULT_QUALITY, PipelineConfig, parse_sizes, parse_varian
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_RUN_ERROR = 1
+EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
+
+RUN_EXIT_STATUS = """\
+exit status:
+  0    every row of every list was processed (rows that failed are in the state DB)
+  1    the run could not go on (unwritable output, a process that keeps dying)
+  2    bad usage, or a list that cannot be read at all (nothing was started)
+  3    incomplete: a list broke part-way (e.g. a truncated .gz); its rows before the break and
+       every other list were processed, the break is in the log, the summary and the state DB
+       (lists.error_reason, error_line, error_detail)
+  130  interrupted (Ctrl-C, SIGTERM): run the same command again to resume"""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -45,6 +56,22 @@ def _nonneg_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return v
+
+
+def _byte_size(text: str) -> int | None:
+    """``1G``, ``512M``, ``64k``, ``1000`` -> bytes; 0 -> None (no limit)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        v = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return int(v * mult) or None
 
 
 def _rgb(text: str) -> tuple[int, int, int]:
@@ -137,6 +164,29 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     )
     g.add_argument("--durable", action="store_true", help="fsync every file before its row is committed")
 
+    g = p.add_argument_group("format and annotations")
+    g.add_argument(
+        "--format",
+        choices=("files", "webdataset", "tfrecord", "parquet"),
+        default="files",
+        help="files: one file per image and variant; webdataset: tar shards (PyTorch); tfrecord: tf.train.Example "
+        "shards with the TF Object Detection API's keys; parquet: one row per image. Shards go to "
+        "OUT/<variant>/NNNNN.<tar|tfrecord|parquet> (an _NNNNN.json index beside each), and appear only once complete",
+    )
+    g.add_argument("--shard-size", type=_positive(), default=OutputConfig.shard_rows,
+                   help="images per shard (all variants are cut together)")
+    g.add_argument("--shard-bytes", type=_byte_size, default="1G",
+                   help="also cut when one shard reaches this size (e.g. 512M, 2G; 0: no limit)")
+    g.add_argument(
+        "--annotations",
+        metavar="TARGET",
+        help="annotations database (oidl-engine db import: SQLite path or postgresql:// URL): attach each image's "
+        "boxes, labels, segmentations (with mask PNGs), relationships and points to its sample; with --format "
+        "files, writes <ImageID>.json beside each image",
+    )
+    g.add_argument("--metadata-dir", type=Path,
+                   help="where the release's mask zips are (default: the annotations database's directory)")
+
     g = p.add_argument_group("processes")
     g.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
     g.add_argument("--fetchers", type=_positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
@@ -205,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         description="Download every row of the lists, verify it, decode it, write the requested variants, and "
         "record every row in the state DB. Run the same command again to resume.",
+        epilog=RUN_EXIT_STATUS,
     )
     _add_run_options(run)
 
@@ -280,6 +331,20 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     ring_slots = max(1, a.ring_mb * 1024 * 1024 // slot_bytes)
     if ring_slots * slot_bytes < 2 * a.max_bytes:
         raise ValueError(f"--ring-mb {a.ring_mb} must hold at least two bodies of --max-bytes {a.max_bytes}")
+    from .sinks import FormatUnavailable, check_format
+    from .sinks.annotations import AnnotationSource, AnnotationsError
+
+    try:
+        check_format(a.format)
+    except FormatUnavailable as e:
+        raise ValueError(str(e)) from None
+    if a.annotations:
+        try:
+            AnnotationSource(a.annotations, a.metadata_dir).close()  # fail now, clearly, not in the writer
+        except AnnotationsError as e:
+            raise ValueError(f"--annotations: {e}") from None
+    if a.metadata_dir is not None and not a.metadata_dir.is_dir():
+        raise ValueError(f"--metadata-dir {a.metadata_dir} is not a directory")
     ui = a.ui
     if ui == "auto":
         ui = "tui" if sys.stdout.isatty() else "plain"
@@ -291,6 +356,12 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             subdirs=not a.no_subdirs,
             save_originals=a.save_originals,
             durable=a.durable,
+            format=a.format,
+            shard_rows=a.shard_size,
+            shard_bytes=a.shard_bytes,
+            annotations=a.annotations,
+            metadata_dir=a.metadata_dir,
+            rotation_applied=a.apply_rotation,
         ),
         fetch=fetch,
         source=SourceConfig(
@@ -359,10 +430,10 @@ def run_engine(cfg: RunConfig) -> int:
             monitor.stop()  # before the summary: the TUI gives the terminal back first
     if cfg.ui != "none":
         print(summary_text(summary.ok, summary.failed, summary.skipped, summary.reasons, summary.elapsed_s,
-                           summary.interrupted), file=sys.stderr)
+                           summary.interrupted, summary.broken_lists), file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK
+    return EXIT_INCOMPLETE if summary.broken_lists else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3  # 2: lists.error_reason, error_line, error_detail; 3: outputs.shard_offset, shards
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -28,7 +28,10 @@ CREATE TABLE IF NOT EXISTS lists (
     list_id INTEGER PRIMARY KEY,
     path    TEXT NOT NULL UNIQUE,
     kind    TEXT NOT NULL,
-    columns TEXT NOT NULL              -- JSON array: the list's own header columns
+    columns TEXT NOT NULL,             -- JSON array: the list's own header columns
+    error_reason TEXT,                 -- NULL when the last run read the list to its end; else why
+    error_line   INTEGER,              --   not (engine.errors.Reason), the last line read before,
+    error_detail TEXT                  --   and the reader's message
 );
 CREATE TABLE IF NOT EXISTS images (
     image_id   TEXT PRIMARY KEY,
@@ -51,11 +54,20 @@ CREATE INDEX IF NOT EXISTS images_status ON images(status, reason);
 CREATE TABLE IF NOT EXISTS outputs (
     image_id TEXT NOT NULL,
     variant  TEXT NOT NULL,            -- 'original' or the variant's name (its directory)
-    path     TEXT NOT NULL,            -- relative to --out
+    path     TEXT NOT NULL,            -- relative to --out: the file, or the shard holding the image
     bytes    INTEGER NOT NULL,
     width    INTEGER,
     height   INTEGER,
+    shard_offset INTEGER,              -- NULL for a file; in a shard: tar data offset, TFRecord record offset, parquet row
     PRIMARY KEY (image_id, variant)
+);
+CREATE TABLE IF NOT EXISTS shards (
+    path       TEXT PRIMARY KEY,       -- relative to --out, e.g. 256/00007.tar
+    variant    TEXT NOT NULL,
+    format     TEXT NOT NULL,          -- webdataset | tfrecord | parquet
+    images     INTEGER NOT NULL,
+    bytes      INTEGER NOT NULL,
+    created_at REAL NOT NULL
 );
 """
 
@@ -67,6 +79,7 @@ class OutputRow:
     nbytes: int
     width: int | None
     height: int | None
+    offset: int | None = None  # where in its shard (None for a file)
 
 
 @dataclass(frozen=True)
@@ -101,13 +114,27 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+#: columns added after version 1, added in place to a DB an older version made
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("lists", "error_reason", "TEXT"),
+    ("lists", "error_line", "INTEGER"),
+    ("lists", "error_detail", "TEXT"),
+    ("outputs", "shard_offset", "INTEGER"),
+)
+
+
 def init(path: Path | str) -> None:
     conn = connect(path)
     try:
         with conn:
             conn.executescript(SCHEMA)
+            for table, column, decl in _ADDED_COLUMNS:
+                if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             conn.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET"
+                " value=excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                (str(SCHEMA_VERSION),),
             )
     finally:
         conn.close()
@@ -117,11 +144,21 @@ def register_list(conn: sqlite3.Connection, path: str, kind: str, columns: Seque
     with conn:
         conn.execute(
             "INSERT INTO lists(path, kind, columns) VALUES (?, ?, ?) "
-            "ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, columns=excluded.columns",
+            "ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, columns=excluded.columns,"
+            " error_reason=NULL, error_line=NULL, error_detail=NULL",  # this run reads it again
             (path, kind, json.dumps(list(columns))),
         )
     row = conn.execute("SELECT list_id FROM lists WHERE path=?", (path,)).fetchone()
     return int(row[0])
+
+
+def list_broken(conn: sqlite3.Connection, list_id: int, reason: str, line: int, detail: str) -> None:
+    """Record that a list could not be read past ``line``: the run did not see the rest of it."""
+    with conn:
+        conn.execute(
+            "UPDATE lists SET error_reason=?, error_line=?, error_detail=? WHERE list_id=?",
+            (reason, line, detail, list_id),
+        )
 
 
 def finished_ids(conn: sqlite3.Connection, ids: Sequence[str], *, include_failed: bool) -> set[str]:
@@ -137,10 +174,15 @@ def finished_ids(conn: sqlite3.Connection, ids: Sequence[str], *, include_failed
     return out
 
 
-def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow]) -> None:
-    """One transaction for a batch: images upserted, their outputs replaced."""
+def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow], shards: Iterable = ()) -> None:
+    """One transaction for a batch: images upserted, their outputs replaced, and the shards
+    (``engine.sinks.shards.ShardRecord``) that hold them recorded in the same commit."""
     now = time.time()
     with conn:
+        conn.executemany(
+            "INSERT OR REPLACE INTO shards(path, variant, format, images, bytes, created_at) VALUES (?,?,?,?,?,?)",
+            [(s.path, s.variant, s.format, s.images, s.nbytes, now) for s in shards],
+        )
         for r in rows:
             conn.execute(
                 "INSERT INTO images(image_id, status, reason, detail, url, bytes, md5, width, height, format,"
@@ -171,9 +213,15 @@ def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow]) -> None:
             conn.execute("DELETE FROM outputs WHERE image_id=?", (r.image_id,))
             if r.outputs:
                 conn.executemany(
-                    "INSERT INTO outputs(image_id, variant, path, bytes, width, height) VALUES (?,?,?,?,?,?)",
-                    [(r.image_id, o.variant, o.path, o.nbytes, o.width, o.height) for o in r.outputs],
+                    "INSERT INTO outputs(image_id, variant, path, bytes, width, height, shard_offset)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    [(r.image_id, o.variant, o.path, o.nbytes, o.width, o.height, o.offset) for o in r.outputs],
                 )
+
+
+def shard_paths(conn: sqlite3.Connection) -> set[str]:
+    """Paths of every committed shard (a ``.part`` file not named here was never committed)."""
+    return {r[0] for r in conn.execute("SELECT path FROM shards")}
 
 
 def status_counts(conn: sqlite3.Connection) -> dict[tuple[str, str | None], int]:

@@ -79,6 +79,8 @@ class _Row:
     decoded: Decoded | None = None
     record: WriteRecord | None = None
     crashes: int = 0
+    #: in an open shard: its slots are free again, its row not committed yet (sharded formats)
+    released: bool = False
 
 
 @dataclass
@@ -149,6 +151,8 @@ class RunSummary:
     reasons: dict[str, int]
     elapsed_s: float
     interrupted: bool
+    #: lists that broke part-way (one line each: file, line, reason): the run is incomplete
+    broken_lists: tuple[str, ...] = ()
 
 
 class Supervisor:
@@ -171,9 +175,11 @@ class Supervisor:
         self.stop_signal = 0
         self.fatal: str | None = None
         self.skipped = 0
+        self.in_shards = 0  # rows released into open shards, not committed yet
         self.ok = 0
         self.failed = 0
         self.reasons: dict[str, int] = {}
+        self.broken_lists: list[str] = []
 
     # -- set-up -------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -256,7 +262,7 @@ class Supervisor:
     def _iter_feed(self) -> Iterator[tuple[Row | BadRow, int]]:
         """Rows still to do, in list order, skipping rows the DB says are finished."""
         cfg = self.cfg
-        it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit)
+        it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit, on_broken=self._list_broken)
         while True:
             batch = []
             for item in it:
@@ -273,6 +279,13 @@ class Supervisor:
                     self.stats.add(F.SKIPPED)
                     continue
                 yield item, self.list_ids[item.list_index]
+
+    def _list_broken(self, e: inputs.ListBroken) -> None:
+        """A list that breaks part-way: its rows so far are done, the next list is read."""
+        text = f"{e.path}: unreadable after line {e.line}: {e.reason} ({e.detail})"
+        log.error("%s; the rows before it are processed, the rest of that list is not", text)
+        self.broken_lists.append(text)
+        state.list_broken(self.db, self.list_ids[e.list_index], e.reason.value, e.line, e.detail)
 
     @staticmethod
     def _key(item: Row | BadRow) -> str:
@@ -306,8 +319,9 @@ class Supervisor:
             except StopIteration:
                 self.feed_done = True
                 break
-            except inputs.ListError as e:  # a list that breaks part-way (e.g. a truncated .gz)
+            except inputs.ListError as e:  # a list gone since the start (breaks part-way: _list_broken)
                 log.error("%s; the rows before it are processed, the rest of that list is not", e)
+                self.broken_lists.append(str(e))
                 self.feed_done = True
                 break
             key = self._key(item)
@@ -412,12 +426,29 @@ class Supervisor:
         for owner, ss in by_owner.items():
             self._send(children[owner], ("slots", ss))
 
+    def _released(self, seqs: list[int]) -> None:
+        """The writer has the rows' bytes in an open shard: free their slots, keep the rows
+        (in by_id, so a duplicate ImageID still waits) until the shard is committed."""
+        for seq in seqs:
+            r = self.rows.get(seq)
+            if r is None or r.released:
+                continue
+            self._release_body(r)
+            if r.decoded and r.decoded.outputs:
+                slots = tuple(s for o in r.decoded.outputs for s in o.slots)
+                self._return_slots(slots, self.worker_ranges, self.workers)
+            r.decoded = None
+            r.released = True
+            self.in_shards += 1
+
     def _written(self, seqs: list[int]) -> None:
         for seq in seqs:
             r = self.rows.pop(seq, None)
             if r is None:
                 continue
             self.by_id.pop(self._key(r.row), None)
+            if r.released:
+                self.in_shards -= 1
             self._release_body(r)
             if r.decoded and r.decoded.outputs:
                 slots = tuple(s for o in r.decoded.outputs for s in o.slots)
@@ -566,8 +597,20 @@ class Supervisor:
             self.writer = self._spawn_writer()
             self.writer.restarts = old.restarts
             self._watch(self.writer, "writer", 0)
-            resend = [self.rows[s].record for s in sorted(old.holds) if s in self.rows]
-            self.to_writer = [rec for rec in resend if rec is not None] + self.to_writer
+            resend = []
+            for seq in sorted(old.holds):
+                r = self.rows.get(seq)
+                if r is None:
+                    continue
+                if r.released:
+                    # its bytes died with the writer's open shard: fetch it again
+                    r.released = False
+                    self.in_shards -= 1
+                    r.body = r.info = r.record = None
+                    self.refeed.append(seq)
+                elif r.record is not None:
+                    resend.append(r.record)
+            self.to_writer = resend + self.to_writer
 
     # -- main loop ----------------------------------------------------------------------
     def _handle_signal(self, signum: int, frame: object) -> None:
@@ -581,7 +624,8 @@ class Supervisor:
             )
 
     def _outstanding(self) -> bool:
-        return bool(self.rows) or bool(self.to_writer)
+        # rows in open shards are the writer's: it commits them when it is told to stop
+        return len(self.rows) > self.in_shards or bool(self.to_writer)
 
     def run(self) -> RunSummary:
         t0 = time.monotonic()
@@ -604,7 +648,7 @@ class Supervisor:
             signal.signal(signal.SIGTERM, old_term)
             self._shutdown()
         return RunSummary(self.ok, self.failed, self.skipped, dict(self.reasons), time.monotonic() - t0,
-                          interrupted=self.stop_signals > 0)
+                          interrupted=self.stop_signals > 0, broken_lists=tuple(self.broken_lists))
 
     def _loop(self) -> None:
         stopping_since: float | None = None
@@ -652,6 +696,8 @@ class Supervisor:
                                 self._on_worker(idx, msg)
                             elif msg[0] == "written":
                                 self._written(msg[1])
+                            elif msg[0] == "released":
+                                self._released(msg[1])
                             elif msg[0] == "fatal":
                                 self.fatal = msg[1]
                         if not child.readable():
@@ -661,15 +707,24 @@ class Supervisor:
             for kind, idx in dead:
                 self._on_death(kind, idx)
             self._update_gauges()
+            self._reap_counter()
             now = time.monotonic()
             if self.on_tick and now - last_tick >= 0.5:
                 last_tick = now
                 self.on_tick(self)
 
+    def _reap_counter(self) -> None:
+        # The counter exits within seconds of the start; reaped now, not at the end of the
+        # run, it does not sit in the process table as <defunct> for hours.
+        counter = getattr(self, "counter", None)
+        if counter is not None and not counter.is_alive():  # is_alive() waits for it (WNOHANG)
+            counter.join(0)
+            self.counter = None
+
     def _update_gauges(self) -> None:
         s = self.stats
         s.set(F.QUEUED_BODIES, len(self.bodies))
-        s.set(F.QUEUED_WRITES, len(self.writer.holds) if self.writer else 0)
+        s.set(F.QUEUED_WRITES, len(self.writer.holds) - self.in_shards if self.writer else 0)
         s.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
 
     def _shutdown(self) -> None:
@@ -690,6 +745,8 @@ class Supervisor:
                     for msg in self.writer.conn.recv():
                         if msg[0] == "written":
                             self._written(msg[1])
+                        elif msg[0] == "released":
+                            self._released(msg[1])
                         elif msg[0] == "fatal":
                             self.fatal = msg[1]
             except (EOFError, OSError):
@@ -730,10 +787,12 @@ def count_main(lists: tuple[str, ...], subset: str | None, limit: int | None, la
 
     child_init("counter")
     os.nice(10)  # only the ETA waits for it: never take a core from the pipeline at start-up
-    try:
-        n = inputs.count_rows(list(lists), subset=subset)
-    except inputs.ListError:
-        return  # the run reports list errors itself; the count only feeds the ETA
+    n = 0
+    for path in lists:  # one by one: a list that breaks part-way leaves the others' count
+        try:
+            n += inputs.count_rows([path], subset=subset)
+        except inputs.ListError:
+            pass  # the run reports list errors itself; the count only feeds the progress and ETA
     if limit is not None:
         n = min(n, limit)
     stats = Stats.attach(layout, None)
