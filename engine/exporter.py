@@ -8,6 +8,7 @@ All names and help texts come from :mod:`engine.metrics`.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Callable, Iterator
 
@@ -100,6 +101,12 @@ class EngineCollector(Collector):
             used.add_metric([r["ring"], r["process"]], r["used"])
         yield slots
         yield used
+        nodes = _counter(M.NODE_IMAGES)
+        for n in view.get("nodes") or [{"name": socket.gethostname(), "ok": tot(F.IMAGES_OK),
+                                        "failed": tot(F.IMAGES_FAILED)}]:
+            nodes.add_metric([n["name"], "ok"], n["ok"])
+            nodes.add_metric([n["name"], "failed"], n["failed"])
+        yield nodes
         cpu, rss = _counter(M.PROCESS_CPU), _gauge(M.PROCESS_RSS)
         for p in view.get("processes", ()):
             cpu.add_metric([p["name"]], p["cpu_s"])

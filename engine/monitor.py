@@ -126,6 +126,9 @@ class LiveData:
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=int(HISTORY_S / SAMPLE_EVERY_S))
         self.current: dict = {}
         self.gallery: dict[str, str] = {}  # image id -> relative path of its smallest file
+        # rows that stand for whole machines (a --ray driver's nodes): row -> node name
+        self.row_names: dict[int, str] = {}
+        self.node_samples: deque[tuple[float, dict[int, int]]] = deque(maxlen=int(RATE_WINDOW_S / SAMPLE_EVERY_S) + 2)
 
     def _rate(self, window_s: float) -> tuple[float, float, float]:
         s = self.samples
@@ -176,6 +179,7 @@ class LiveData:
             keep = {r["name"] for r in recent_ok}
             self.gallery = {k: v for k, v in self.gallery.items() if k in keep}
         view = {
+            "nodes": self._nodes(m, now),
             "t": time.time(),
             "elapsed_s": now - self.t0,
             "expected": expected if expected >= 0 else None,
@@ -210,6 +214,22 @@ class LiveData:
         with self.lock:
             self.current = view
         return view
+
+    def _nodes(self, m, now: float) -> list[dict]:  # noqa: ANN001 - the stats matrix
+        """Per-node totals and images/s over the rate window (rows named by the Ray driver)."""
+        if not self.row_names:
+            return []
+        done = {row: int(m[row, F.IMAGES_OK] + m[row, F.IMAGES_FAILED]) for row in self.row_names}
+        self.node_samples.append((now, done))
+        t0, first = self.node_samples[0]
+        dt = now - t0
+        out = []
+        for row, name in sorted(self.row_names.items(), key=lambda kv: kv[1]):
+            rate = (done[row] - first.get(row, 0)) / dt if dt > 0 else 0.0
+            out.append({"name": name, "ok": int(m[row, F.IMAGES_OK]), "failed": int(m[row, F.IMAGES_FAILED]),
+                        "images_per_s": rate, "downloaded_bytes": int(m[row, F.DOWNLOADED_BYTES]),
+                        "written_bytes": int(m[row, F.WRITTEN_BYTES])})
+        return out
 
     def view(self) -> dict:
         with self.lock:
@@ -301,7 +321,9 @@ def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
                 tui.render(view)
             if conn.poll(SAMPLE_EVERY_S):
                 msg = conn.recv()
-                if msg[0] == "stop":
+                if msg[0] == "names":
+                    data.row_names = dict(msg[1])
+                elif msg[0] == "stop":
                     view = data.sample()
                     if tui is not None:
                         tui.render(view)
@@ -366,6 +388,15 @@ class Monitor:
         self.attached = True
         try:
             self.conn.send(("attach", layout))
+        except OSError:
+            pass
+
+    def name_rows(self, names: dict[int, str]) -> None:
+        """Name stats rows that stand for whole machines (a --ray driver's nodes) for the UIs."""
+        if self.conn is None:
+            return
+        try:
+            self.conn.send(("names", dict(names)))
         except OSError:
             pass
 

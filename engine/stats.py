@@ -175,6 +175,11 @@ class Stats:
         close_segment(self._shm, self.owner)
 
 
+def reason_field(reason: str) -> int:
+    """The column of a failure reason's counter (for a process that fills several rows)."""
+    return REASON_BASE + _REASON_INDEX[reason]
+
+
 def reason_counts(snapshot: np.ndarray) -> dict[str, int]:
     totals = snapshot[:, REASON_BASE : REASON_BASE + len(ALL_REASONS)].sum(axis=0)
     return {r: int(totals[i]) for i, r in enumerate(ALL_REASONS)}
