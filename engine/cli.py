@@ -197,10 +197,11 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
 
     g = p.add_argument_group(
         "Ray cluster (pip install 'oidl-engine[ray]')",
-        "With --ray this machine drives the run and the cluster's nodes do the work: the lists are cut into "
-        "shards, each shard runs the engine on one node (its cores, or --procs) writing into --out, which every "
-        "node must see at the same path (a shared mount), and the state DB here records every row. A shard "
-        "lost with its node, or whose engine fails, is retried; the other options apply on every node.",
+        "With --ray this machine drives the run and the cluster's nodes do the work: the lists are cut\n"
+        "into shards, each shard runs the engine on one node (its cores, or --procs) writing into --out,\n"
+        "which every node must see at the same path (a shared mount), and the state DB here records\n"
+        "every row. A shard lost with its node, or whose engine fails, is retried; the other options\n"
+        "apply on every node.",
     )
     g.add_argument(
         "--ray",
@@ -385,6 +386,8 @@ def forwarded_args(run_parser: argparse.ArgumentParser, a: argparse.Namespace) -
     out: list[str] = []
 
     def text(v: object) -> str:
+        if isinstance(v, Path):
+            return str(v.absolute())  # the nodes do not share the driver's working directory
         return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
     for act in run_parser._actions:
@@ -481,8 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = config_from_args(a)
             except ValueError as e:
                 parser.error(str(e))
+            given = sys.argv[1:] if argv is None else list(argv)
             if a.ray is not None:
-                return _run_on_ray(a, cfg, sys.argv[1:] if argv is None else argv)
+                return _run_on_ray(a, cfg, given)
+            stray = [x for x in given if x.startswith("--ray-")]
+            if stray:
+                parser.error(f"{stray[0].split('=')[0]} needs --ray")
             return run_engine(cfg)
         if a.command == "demo":
             from .demo import run_demo

@@ -58,7 +58,7 @@ from ..board import Board
 from ..config import TMP_DIR_NAME, RunConfig
 from ..errors import Reason
 from ..inputs import BadRow, ListInfo, ListKind, Row
-from ..report import PlainReporter, human_duration, summary_text
+from ..report import PlainReporter, summary_text
 from ..stats import F, Stats, reason_field
 
 log = logging.getLogger("oidl")
@@ -282,6 +282,7 @@ class RayDriver:
         self.skipped = 0
         self.reasons: dict[str, int] = {}
         self.node_rows: dict[str, int] = {}
+        self.per_node: dict[str, tuple[int, int]] = {}  # node -> (shards, rows) it finished
         self.in_flight: dict[object, _InFlight] = {}  # ObjectRef -> shard
         self.ids_in_flight: set[str] = set()
         self.shard_no = 0
@@ -304,10 +305,13 @@ class RayDriver:
         return ray
 
     def _cpus_per_task(self) -> int:
-        if self.rcfg.cpus_per_task:
-            return self.rcfg.cpus_per_task
         sizes = [int(n["Resources"].get("CPU", 0)) for n in self.ray.nodes() if n.get("Alive")]
         sizes = [s for s in sizes if s > 0]
+        if self.rcfg.cpus_per_task:
+            if sizes and self.rcfg.cpus_per_task > max(sizes):
+                log.warning("--procs %d: no node has that many CPUs yet (the largest has %d); shards wait for one",
+                            self.rcfg.cpus_per_task, max(sizes))
+            return self.rcfg.cpus_per_task
         return min(sizes) if sizes else 1
 
     def _slots(self) -> int:
@@ -452,6 +456,8 @@ class RayDriver:
             self._commit([_failed(r, detail) for r in job.shard.rows], None)
             return
         self._commit(res.records, res.node)
+        shards, rows = self.per_node.get(res.node, (0, 0))
+        self.per_node[res.node] = (shards + 1, rows + len(res.records))
         log.debug("shard %d: %d rows on %s in %.1f s", res.number, len(res.records), res.node, res.elapsed_s)
 
     # -- the loop ----------------------------------------------------------------------------
@@ -511,6 +517,8 @@ class RayDriver:
         if self.cfg.ui != "none":
             print(summary_text(self.ok, self.failed, self.skipped, self.reasons, time.monotonic() - t0, interrupted),
                   file=sys.stderr)
+            for node, (shards, rows) in sorted(self.per_node.items()):
+                print(f"  node {node}: {shards} shards, {rows} rows", file=sys.stderr)
         return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
     def _count(self) -> None:
@@ -590,9 +598,11 @@ def _failed(r: ShardRow, detail: str) -> state.ImageRow:
 
 
 def _error_text(e: BaseException) -> str:
+    """One line for the failed rows' detail: the engine's own message, or the last line of Ray's."""
     cause = getattr(e, "cause", None)
-    text = str(cause if isinstance(cause, BaseException) else e).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if isinstance(cause, ShardError):
+        return " | ".join(ln.strip() for ln in str(cause).splitlines() if ln.strip())[:500]
+    lines = [ln.strip() for ln in str(cause if isinstance(cause, BaseException) else e).splitlines() if ln.strip()]
     return (lines[-1] if lines else type(e).__name__)[:500]
 
 
