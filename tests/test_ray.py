@@ -7,13 +7,16 @@ a worker node, and two 1-CPU nodes. Lists of a few thousand tiny JPEGs served by
 from __future__ import annotations
 
 import csv
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from conftest import CORPUS_CACHE, db_outputs, db_rows, kill_tree_on_failure, run_cli, start_cli
@@ -149,16 +152,47 @@ def _per_node(stderr: str) -> dict[str, int]:
     return {m.group(1): int(m.group(3)) for m in re.finditer(r"node (\S+): (\d+) shards, (\d+) rows", stderr)}
 
 
-def test_ray_run_every_row_exactly_once_then_resume(tmp_path: Path, cluster, corpus_and_server) -> None:
+def _engines_writing_to(out: Path) -> list[int]:
+    """Engine processes (on any node of the test cluster: all on this machine) writing into ``out``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "engine.cli" in cmd and str(out) in cmd and "--ray" not in cmd:
+            found.append(proc.pid)
+    return found
+
+
+def test_ray_run_interrupted_resumed_every_row_exactly_once(tmp_path: Path, cluster, corpus_and_server) -> None:
     items, server = corpus_and_server
     lst, out = _list(tmp_path, items, server), tmp_path / "out"
-    server.reset_stats()
+    # Ctrl-C mid-run: the shards in flight are cancelled, their engines die with them, exit 130
+    proc = start_cli(["run", lst, "--out", out, "--ray", cluster.address, *RUN])
+    try:
+        _wait_rows(out, proc, SHARD_ROWS)
+        deadline = time.monotonic() + 60
+        while not _engines_writing_to(out):  # a shard's engine at work on a node right now
+            assert time.monotonic() < deadline and proc.poll() is None, "no shard is running"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree_on_failure(proc)
+    assert proc.returncode == 130, err[-3000:]
+    before = set(db_rows(out / "oidl.sqlite"))
+    done_before = len(before)
+    assert SHARD_ROWS <= done_before < len(items)
+    deadline = time.monotonic() + 20
+    while _engines_writing_to(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _engines_writing_to(out), "an engine outlived its cancelled shard"
+    # the same command again finishes the rest
     p = run_cli(["run", lst, "--out", out, "--ray", cluster.address, *RUN], timeout_s=RUN_TIMEOUT_S)
     assert p.returncode == 0, p.stderr[-4000:]
+    assert f"{done_before} already done" in p.stderr
     _assert_exactly_once(out, items)
-    assert server.stats()["total_requests"] >= len(items)
-    per_node = _per_node(p.stderr)
-    assert len(per_node) == 2 and sum(per_node.values()) == len(items), p.stderr[-2000:]  # both nodes worked
+    shard_rows = {i for i in db_rows(out / "oidl.sqlite") if not i.startswith("bad-row:")} - before
+    assert sum(_per_node(p.stderr).values()) == len(shard_rows)  # only the rest was sent to the nodes
     # results CSVs: the list's own columns, reasons for failures
     assert run_cli(["results", out]).returncode == 0
     ok_rows = list(csv.DictReader((out / "images-success.csv").open(encoding="utf-8")))
@@ -239,8 +273,6 @@ def test_missing_ray_is_a_clear_error(tmp_path: Path) -> None:
     lst = tmp_path / "urls.txt"
     lst.write_text("http://127.0.0.1:1/a.jpg\n")
     env = {"PYTHONPATH": str(fake.parent)}
-    import os
-
     p = subprocess.run([sys.executable, "-m", "engine.cli", "run", str(lst), "--out", str(tmp_path / "o"), "--ray"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, **env},
                        cwd=Path(__file__).resolve().parents[1])
@@ -266,3 +298,41 @@ def test_engine_options_reach_every_node_unchanged(tmp_path: Path) -> None:
     assert node.pipeline == driver.pipeline and node.fetch == driver.fetch and node.subset == driver.subset
     assert node.source.originals_dirs == tuple(p.absolute() for p in driver.source.originals_dirs)
     assert node.output.save_originals and node.workers == 3
+
+
+def test_driver_stats_show_each_node(tmp_path: Path) -> None:
+    """The rows a --ray driver fills per node reach the TUI and the exporter with the node's name."""
+    from prometheus_client import generate_latest
+    from rich.console import Console
+
+    from engine.exporter import make_registry
+    from engine.monitor import LiveData, _Holder
+    from engine.stats import F, Stats
+    from engine.tui import build
+
+    stats = Stats.create(0, 4)
+    try:
+        data = LiveData(Stats.attach(stats.layout, None), tmp_path)
+        data.row_names = {2: "10.0.0.1-aaaaaaaa", 3: "10.0.0.2-bbbbbbbb"}
+        data.sample()
+        stats.m[2, F.IMAGES_OK] += 300
+        stats.m[3, F.IMAGES_OK] += 100
+        stats.m[3, F.IMAGES_FAILED] += 2
+        time.sleep(0.2)
+        view = data.sample()
+        nodes = {n["name"]: n for n in view["nodes"]}
+        assert nodes["10.0.0.1-aaaaaaaa"]["ok"] == 300 and nodes["10.0.0.2-bbbbbbbb"]["failed"] == 2
+        assert nodes["10.0.0.1-aaaaaaaa"]["images_per_s"] > nodes["10.0.0.2-bbbbbbbb"]["images_per_s"] > 0
+        assert view["ok"] == 400  # the cluster's totals are the sum of the nodes
+        console = Console(width=160, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(build(view, 50, 160))
+        screen = console.export_text()
+        assert "nodes (2)" in screen and "10.0.0.2-bbbbbbbb" in screen
+        holder = _Holder()
+        holder.data = data
+        text = generate_latest(make_registry(holder)).decode()
+        assert 'oidl_node_images_total{node="10.0.0.1-aaaaaaaa",status="ok"} 300.0' in text
+        assert 'oidl_node_images_total{node="10.0.0.2-bbbbbbbb",status="failed"} 2.0' in text
+        data.stats.close()
+    finally:
+        stats.close()
