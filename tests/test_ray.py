@@ -336,3 +336,18 @@ def test_driver_stats_show_each_node(tmp_path: Path) -> None:
         data.stats.close()
     finally:
         stats.close()
+
+
+def test_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lst = tmp_path / "urls.txt"
+    lst.write_text("http://127.0.0.1:1/a.jpg\n")
+    for address, says in ((f"127.0.0.1:{port}", "nothing answers at"), ("nonsense", "expected auto, local")):
+        p = run_cli(["run", lst, "--out", tmp_path / "o", "--ray", address], timeout_s=60)
+        assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    p = run_cli(["run", lst, "--out", tmp_path / "o", "--ray-shard-rows", "5"], timeout_s=60)
+    assert p.returncode == 2 and "--ray-shard-rows needs --ray" in p.stderr

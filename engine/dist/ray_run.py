@@ -261,6 +261,19 @@ def _import_ray():  # noqa: ANN202 - the ray module
     return ray
 
 
+def _probe(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, with one line, when nothing listens at a HOST:PORT or ray://HOST:PORT address."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayUnavailable(f"--ray {address}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayUnavailable(f"nothing answers at {address} ({e.strerror or e}): is the head started "
+                             "('ray start --head')?") from None
+
+
 def _bad_row_key(item: BadRow) -> str:
     # the supervisor's key for the same row, so a later single-host run agrees with this one
     return item.image_id or f"bad-row:{item.list_index}:{item.line}"
@@ -296,6 +309,8 @@ class RayDriver:
         kwargs = dict(include_dashboard=self.rcfg.dashboard, log_to_driver=log.isEnabledFor(logging.DEBUG),
                       logging_level=logging.WARNING, configure_logging=False)
         address = None if self.rcfg.address == "local" else self.rcfg.address
+        if address not in (None, "auto"):
+            _probe(address)  # Ray itself retries an address where nothing listens for minutes
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
