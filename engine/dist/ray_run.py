@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .. import __version__, inputs, state
+from ..cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from ..board import Board
 from ..config import TMP_DIR_NAME, RunConfig
 from ..errors import Reason
@@ -75,11 +76,6 @@ _DRIVER_ROW = 1
 _RESOURCES_EVERY_S = 2.0
 #: the engine's stderr kept in a task's error message
 _STDERR_TAIL_CHARS = 1500
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_RUN_ERROR = 1
-EXIT_INTERRUPTED = 130
 
 
 class RayUnavailable(Exception):
@@ -353,14 +349,7 @@ class RayDriver:
         """Rows still to do, in list order, skipping rows the DB says are finished."""
         cfg = self.cfg
         it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit)
-        while True:
-            batch = []
-            for item in it:
-                batch.append(item)
-                if len(batch) >= _FEED_BATCH:
-                    break
-            if not batch:
-                return
+        for batch in inputs.batches(it, _FEED_BATCH):
             keys = [item.image_id if isinstance(item, Row) else _bad_row_key(item) for item in batch]
             done = state.finished_ids(self.db, keys, include_failed=not cfg.retry_failed)
             for item, key in zip(batch, keys):
