@@ -296,7 +296,8 @@ class RayDriver:
         self.ids_in_flight: set[str] = set()
         self.shard_no = 0
         self.feed_done = False
-        self.pending_item: tuple[Row, int] | None = None  # read, but the next shard's first row
+        self.pending_item: Row | None = None  # read, but the next shard's first row
+        self.expected: int | None = None  # rows in the run's lists, once counted
 
     # -- set-up ------------------------------------------------------------------------------
     def _connect(self):  # noqa: ANN202
@@ -451,9 +452,9 @@ class RayDriver:
         self.ids_in_flight.difference_update(r.image_id for r in job.shard.rows)
         try:
             res: ShardResult = self.ray.get(ref)
-        except self.ray.exceptions.TaskCancelledError:
-            return  # interrupted: the next run does these rows
         except self.ray.exceptions.RayError as e:
+            if self.stop_signals or isinstance(e, self.ray.exceptions.TaskCancelledError):
+                return  # interrupted: the next run does these rows
             detail = _error_text(e)
             log.error("shard %d (%d rows) failed after %d retries: %s", job.shard.number, len(job.shard.rows),
                       self.rcfg.max_retries, detail)
@@ -490,6 +491,13 @@ class RayDriver:
             except inputs.ListError as e:
                 print(f"oidl-engine: {e}", file=sys.stderr)
                 return EXIT_USAGE
+            self.cpus = self._cpus_per_task()
+            self.remote = ray.remote(run_shard)
+            self.slots = self._slots()
+            if self.cfg.ui != "none":
+                print(f"oidl-engine: Ray cluster with {int(ray.cluster_resources().get('CPU', 0))} CPUs: shards of "
+                      f"{self.rcfg.shard_rows} rows, {self.cpus} CPU(s) and --procs {self.cpus} each",
+                      file=sys.stderr, flush=True)
             self.stats = Stats.create(0, _NODE_ROWS)
             self.board = Board.of(self.stats).writer()
             self.monitor = Monitor.for_run(self.cfg)
@@ -504,13 +512,6 @@ class RayDriver:
                     print(f"oidl-engine: {what} on {url}", file=sys.stderr, flush=True)
                 self.monitor.attach(self.stats.layout)
             threading.Thread(target=self._count, daemon=True).start()
-            self.cpus = self._cpus_per_task()
-            self.remote = ray.remote(run_shard)
-            self.slots = self._slots()
-            if self.cfg.ui != "none":
-                print(f"oidl-engine: Ray cluster with {int(ray.cluster_resources().get('CPU', 0))} CPUs: shards of "
-                      f"{self.rcfg.shard_rows} rows, {self.cpus} CPU(s) and --procs {self.cpus} each",
-                      file=sys.stderr, flush=True)
             self.feed = self._iter_todo()
             self._loop()
         finally:
@@ -532,8 +533,7 @@ class RayDriver:
             return  # the run reports list errors itself; the count only feeds the ETA
         if self.cfg.limit is not None:
             n = min(n, self.cfg.limit)
-        if self.stats is not None and self.stats.m is not None:
-            self.stats.m[0, F.EXPECTED] = n
+        self.expected = n  # the loop copies it into the stats: only the main thread touches the segment
 
     def _loop(self) -> None:
         reporter = PlainReporter(every_s=self.cfg.progress_line_s) if self.cfg.ui == "plain" else None
@@ -557,6 +557,8 @@ class RayDriver:
             for ref in ready:
                 self._collect(ref)
             self.stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
+            if self.expected is not None:
+                self.stats.set(F.EXPECTED, self.expected)
             if reporter is not None and reporter.last + reporter.every_s <= time.monotonic():
                 reporter.tick(self.stats)
                 line = rates.line(self.stats, self.node_rows)
