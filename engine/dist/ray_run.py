@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .. import __version__, inputs, state
-from ..cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from ..cli import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from ..board import Board
 from ..config import TMP_DIR_NAME, RunConfig
 from ..errors import Reason
@@ -69,7 +69,7 @@ _FEED_BATCH = 512
 #: shards in flight per task slot of the cluster: one running, one queued behind it
 _IN_FLIGHT_PER_SLOT = 2
 #: rows of the stats matrix for nodes (more nodes share the last row)
-_NODE_ROWS = 64
+_NODE_ROWS = 32
 #: the stats row of the driver's own records (bad rows, shards that failed for good)
 _DRIVER_ROW = 1
 #: how often the driver refreshes the cluster's size
@@ -298,6 +298,7 @@ class RayDriver:
         self.feed_done = False
         self.pending_item: Row | None = None  # read, but the next shard's first row
         self.expected: int | None = None  # rows in the run's lists, once counted
+        self.broken_lists: list[str] = []
 
     # -- set-up ------------------------------------------------------------------------------
     def _connect(self):  # noqa: ANN202
@@ -349,7 +350,7 @@ class RayDriver:
     def _iter_todo(self) -> Iterator[Row | BadRow]:
         """Rows still to do, in list order, skipping rows the DB says are finished."""
         cfg = self.cfg
-        it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit)
+        it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit, on_broken=self._list_broken)
         for batch in inputs.batches(it, _FEED_BATCH):
             keys = [item.image_id if isinstance(item, Row) else _bad_row_key(item) for item in batch]
             done = state.finished_ids(self.db, keys, include_failed=not cfg.retry_failed)
@@ -359,6 +360,13 @@ class RayDriver:
                     self.stats.add(F.SKIPPED)
                     continue
                 yield item
+
+    def _list_broken(self, e: inputs.ListBroken) -> None:
+        """A list that breaks part-way: its rows so far are done, the next list is read (as on one host)."""
+        text = f"{e.path}: unreadable after line {e.line}: {e.reason} ({e.detail})"
+        log.error("%s; the rows before it are processed, the rest of that list is not", text)
+        self.broken_lists.append(text)
+        state.list_broken(self.db, self.list_ids[e.list_index], e.reason.value, e.line, e.detail)
 
     def _next_shard(self) -> Shard | None:
         rows: list[ShardRow] = []
@@ -374,8 +382,9 @@ class RayDriver:
                 except StopIteration:
                     self.feed_done = True
                     break
-                except inputs.ListError as e:  # a list that breaks part-way (a truncated .gz)
+                except inputs.ListError as e:  # a list gone since the start (breaks part-way: _list_broken)
                     log.error("%s; the rows before it are processed, the rest of that list is not", e)
+                    self.broken_lists.append(str(e))
                     self.feed_done = True
                     break
             if isinstance(item, BadRow):
@@ -520,11 +529,13 @@ class RayDriver:
             self._shutdown()
         interrupted = self.stop_signals > 0
         if self.cfg.ui != "none":
-            print(summary_text(self.ok, self.failed, self.skipped, self.reasons, time.monotonic() - t0, interrupted),
-                  file=sys.stderr)
+            print(summary_text(self.ok, self.failed, self.skipped, self.reasons, time.monotonic() - t0, interrupted,
+                               self.broken_lists), file=sys.stderr)
             for node, (shards, rows) in sorted(self.per_node.items()):
                 print(f"  node {node}: {shards} shards, {rows} rows", file=sys.stderr)
-        return EXIT_INTERRUPTED if interrupted else EXIT_OK
+        if interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_INCOMPLETE if self.broken_lists else EXIT_OK
 
     def _count(self) -> None:
         try:
@@ -556,7 +567,8 @@ class RayDriver:
             ready, _ = self.ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
             for ref in ready:
                 self._collect(ref)
-            self.stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
+            # every row: the node rows are this loop's bookkeeping, alive as long as it is
+            self.stats.m[:, F.HEARTBEAT_MS] = int(time.monotonic() * 1000)
             if self.expected is not None:
                 self.stats.set(F.EXPECTED, self.expected)
             if reporter is not None and reporter.last + reporter.every_s <= time.monotonic():
