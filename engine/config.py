@@ -73,6 +73,21 @@ class OutputConfig:
     #: where temporary files go (None: OUT/.oidl-tmp); a run deletes it at start and end, so
     #: several runs writing into one --out at once (the Ray shards) each need their own
     tmp_path: Path | None = None
+    #: files | webdataset | tfrecord | parquet (engine.sinks)
+    format: str = "files"
+    #: a shard group is cut at this many images or when one of its shards reaches shard_bytes
+    shard_rows: int = 10_000
+    shard_bytes: int | None = 1024**3
+    #: annotations database (SQLite path or postgresql:// URL) attached to every sample
+    annotations: str | None = None
+    #: where the release's mask zips are (segmentations.mask_zip is relative to it); default: the DB's directory
+    metadata_dir: Path | None = None
+    #: copy of PipelineConfig.apply_rotation: samples say whether Rotation was applied
+    rotation_applied: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.format != "files"
 
     @property
     def tmp_dir(self) -> Path:
