@@ -53,3 +53,24 @@ def test_forget_drops_the_readers_pages_not_the_bytes() -> None:
     finally:
         reader.close()
         owner.close()
+
+
+def test_release_gives_free_slots_memory_back_to_the_system() -> None:
+    """What the fetcher does when its transfer target, and so its usable ring, shrinks."""
+    slab = Slab.create(64, SLOT)
+    try:
+        body = os.urandom(SLOT)
+        for s in range(48):
+            slab.write([s], body)
+        allocated = os.stat(f"/dev/shm/{slab.name}").st_blocks * 512
+        assert allocated >= 48 * SLOT
+        # scattered and contiguous slots: one madvise per run of neighbours
+        assert slab.release([3, 1, 2, 10, *range(20, 40)]) == 3
+        after = os.stat(f"/dev/shm/{slab.name}").st_blocks * 512
+        assert allocated - after >= 24 * SLOT, (allocated, after)
+        assert slab.read([0], SLOT) == body and slab.read([47], SLOT) == body  # the others are intact
+        assert slab.read([20], 16) == bytes(16)  # a released slot reads as zeros, and is reusable
+        slab.write([20], body)
+        assert slab.read([20], SLOT) == body
+    finally:
+        slab.close()
