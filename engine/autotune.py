@@ -23,7 +23,7 @@ of the memory budget (``--ring-mb``) holds at the current mean body size. ``g`` 
 target is full, and shrinks while bodies queue for the workers. So the target rises when
 downloads get slower or workers faster, and falls when downloads get faster, workers lag
 (their capacity drops or bodies queue) or bodies get larger (the memory budget binds).
-Moves are damped (at most x2 up, x0.7 down per update) so one noisy period cannot swing it.
+Moves are damped (at most x1.5 up, x0.8 down per update) so one noisy period cannot swing it.
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ class TuneConfig:
     busy_enough: float = 0.9
     #: bodies waiting for workers beyond this many seconds of their work: they lag
     backlog_s: float = 0.5
-    #: weight of a new period's measurement in the running means
-    alpha: float = 0.3
+    #: weight of a new period's measurement in the running means (~2 s of memory at 0.5 s)
+    alpha: float = 0.2
+    #: largest moves per update: a ramp from 64 to 1,000 takes ~3.5 s, and one noisy period
+    #: (a scheduling hiccup on a busy machine) cannot swing the target
+    step_up: float = 1.5
+    step_down: float = 0.8
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ class TransferTuner:
                 # download times is wider than the headroom covers (not merely still ramping)
                 self.headroom = min(cfg.headroom_max, self.headroom * 1.2)
             want = little * self.headroom
-        want = min(max(want, 0.7 * self.target), 2.0 * self.target)
+        want = min(max(want, cfg.step_down * self.target), cfg.step_up * self.target)
         self.target = max(1, min(self.limit, max(min(cfg.floor, self.limit), round(want))))
         return self.target
 
