@@ -151,8 +151,8 @@ def _list(path: Path, files: dict[str, tuple[int, str]], names: list[str], n: in
     return path
 
 
-def _watch(tmp_path: Path, lst: Path, extra: list[str], timeout_s: float = 90.0) -> list[dict[str, float]]:
-    """Run the engine on ``lst`` to the end; /metrics samples every 0.2 s."""
+def _watch(tmp_path: Path, lst: Path, extra: list[str], timeout_s: float = 90.0) -> tuple[list[dict[str, float]], str]:
+    """Run the engine on ``lst`` to the end; /metrics samples every 0.2 s, and its stderr."""
     run = launch(["run", str(lst), "--out", str(tmp_path / "out"), "--sizes", "64", "--procs", "2",
                   "--max-host-connections", "4096", "--metrics-port", "0", "--ui", "none", *extra], ["metrics"])
     samples: list[dict[str, float]] = []
@@ -178,7 +178,7 @@ def _watch(tmp_path: Path, lst: Path, extra: list[str], timeout_s: float = 90.0)
         if run.proc.poll() is None:
             kill_tree_on_failure(run.proc)
     assert run.proc.returncode == 0, "".join(run.stderr)[-3000:]
-    return samples
+    return samples, "".join(run.stderr)
 
 
 def test_engine_raises_the_target_on_slow_hosts(tmp_path: Path, files) -> None:
@@ -188,10 +188,13 @@ def test_engine_raises_the_target_on_slow_hosts(tmp_path: Path, files) -> None:
     # more than the starting target brings (START / transfer_s = 16 img/s).
     n, transfer_s = 400, 4.0
     with LoopbackServer(root) as server:
-        samples = _watch(tmp_path, _list(tmp_path / "l.csv", meta, cheap, n, server.base_url, transfer_s), [])
+        samples, err = _watch(tmp_path, _list(tmp_path / "l.csv", meta, cheap, n, server.base_url, transfer_s),
+                              ["--ui", "plain"])
     target = max(s["oidl_transfers_target"] for s in samples)
     in_flight = max(s["oidl_downloads_in_progress"] for s in samples)
     assert target >= 3 * _START and in_flight >= 3 * _START, (target, in_flight)
+    shown = [int(t) for t in re.findall(r"downloading \d+ \(target (\d+)\)", err)]
+    assert shown and max(shown) > _START, err[-2000:]  # the progress line shows the target
     # Past the first bodies, faster than the starting target could ever go: START in flight
     # allow START / transfer_s img/s however fast the workers are.
     t0 = next(s["t"] for s in samples if s["ok"] >= 0.1 * n)
@@ -205,7 +208,7 @@ def test_engine_target_respects_the_memory_cap(tmp_path: Path, files) -> None:
     ring_slots = 64  # --ring-mb 4 of 64 KiB slots; bodies of ~7 KB take one slot each
     with LoopbackServer(root) as server:
         lst = _list(tmp_path / "l.csv", meta, cheap, 100, server.base_url, 1.0)
-        samples = _watch(tmp_path, lst, ["--ring-mb", "4", "--max-bytes", str(1 << 20)])
+        samples, _ = _watch(tmp_path, lst, ["--ring-mb", "4", "--max-bytes", str(1 << 20)])
     limit = int(ring_slots * 0.75)  # the share of the ring bodies in flight may take
     assert max(s["oidl_transfers_target"] for s in samples) <= limit
     assert max(s["oidl_downloads_in_progress"] for s in samples) <= limit
@@ -216,7 +219,7 @@ def test_engine_lowers_the_target_when_workers_lag(tmp_path: Path, files) -> Non
     root, meta = files
     costly = [n for n in meta if n.startswith("costly")]
     with LoopbackServer(root) as server:
-        samples = _watch(tmp_path, _list(tmp_path / "l.csv", meta, costly, 50, server.base_url, 1.0), [])
+        samples, _ = _watch(tmp_path, _list(tmp_path / "l.csv", meta, costly, 50, server.base_url, 1.0), [])
     targets = [s["oidl_transfers_target"] for s in samples if "oidl_transfers_target" in s]
     # ~100 ms per image on 2 workers: ~20 img/s, 1 s per body: ~20-40 in flight are plenty
     assert min(targets[len(targets) // 2 :]) < _START, targets
