@@ -39,7 +39,7 @@ class F(enum.IntEnum):
     RESIZES_IN_PROGRESS = 10  # gauge
     PARKED = 11  # gauge: rows waiting for a retry or a host slot
     FREE_SLOTS = 12  # gauge: free ring slots owned by this process
-    OWNED_SLOTS = 13  # gauge: ring slots owned by this process
+    OWNED_SLOTS = 13  # gauge: ring slots owned by this process (a fetcher: the part its transfer target uses)
     EXPECTED = 14  # gauge (supervisor): rows in the run's lists, -1 while counting
     QUEUED_BODIES = 15  # gauge (supervisor): bodies waiting for a worker
     QUEUED_WRITES = 16  # gauge (supervisor): records waiting for the writer
