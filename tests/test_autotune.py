@@ -219,7 +219,8 @@ def test_engine_lowers_the_target_when_workers_lag(tmp_path: Path, files) -> Non
     root, meta = files
     costly = [n for n in meta if n.startswith("costly")]
     with LoopbackServer(root) as server:
-        samples, _ = _watch(tmp_path, _list(tmp_path / "l.csv", meta, costly, 50, server.base_url, 1.0), [])
-    targets = [s["oidl_transfers_target"] for s in samples if "oidl_transfers_target" in s]
-    # ~100 ms per image on 2 workers: ~20 img/s, 1 s per body: ~20-40 in flight are plenty
-    assert min(targets[len(targets) // 2 :]) < _START, targets
+        samples, _ = _watch(tmp_path, _list(tmp_path / "l.csv", meta, costly, 100, server.base_url, 1.0), [])
+    targets = [s["oidl_transfers_target"] for s in samples if s["oidl_transfers_target"] > 0]  # 0: not yet set
+    # ~50-150 ms per image on 2 workers: 15-40 img/s; at 1 s per body 20-50 in flight are
+    # plenty, so the target comes down from where it started
+    assert min(targets) < 0.8 * _START, targets
