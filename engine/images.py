@@ -41,6 +41,16 @@ through: a JPEG needs an EOI marker after its last scan (libjpeg may finish the 
 without reading on) and a PNG needs its IEND chunk. With no variants the image is still
 decoded fully (JPEG at 1/8 scale: every scan is still entropy-decoded).
 
+JPEG fast path
+--------------
+A plain JPEG (8-bit YCbCr or grayscale, baseline or progressive, no ICC profile or an sRGB
+one) is decoded with libjpeg-turbo at the smallest DCT scale that serves every variant,
+resized with OpenCV and encoded with libjpeg-turbo (:mod:`engine.jpegfast`): about half
+the CPU of the libvips path. libjpeg-turbo runs in strict mode, so a file it rejects or
+warns about gets no output from the fast path and goes through libvips as every other
+image does: the policy above, reasons and warning counts included, is the libvips path's.
+``PipelineConfig.jpeg_fast_path=False`` sends everything to libvips.
+
 Colour
 ------
 Outputs are plain 8-bit sRGB without an embedded profile, 3 bands (grayscale becomes
