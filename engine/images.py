@@ -114,6 +114,9 @@ _JPEG_SHRINKS = (8, 4, 2)
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _JPEG_EOI = b"\xff\xd9"
 _JPEG_SOS = b"\xff\xda"
+# The fast path decodes into one array; above this many pixels at the needed DCT scale it
+# leaves the image to libvips, which streams (3 bytes per pixel: 120 MB per worker at most).
+_FAST_MAX_DECODED_PX = 40_000_000
 # Words the decoders use when the data ends early (libjpeg, libpng, nsgif, libvips).
 _TRUNCATION_HINTS = ("premature end of jpeg", "not enough", "unexpected end", "truncat", "end of file", "out of data")
 # Rotation column quarter turns counterclockwise -> libvips clockwise rotation.
@@ -601,7 +604,10 @@ def _fast_jpeg(body: bytes | memoryview, cfg: PipelineConfig, turns: int) -> tup
         return out_w, out_h, ()
     needs = [_needed_scale(v, out_w, out_h) for v in cfg.variants]
     base_scale = min(max(needs), 1.0)
-    pixels = jpegfast.decode(body, math.ceil(info.width * base_scale), math.ceil(info.height * base_scale))
+    min_w, min_h = math.ceil(info.width * base_scale), math.ceil(info.height * base_scale)
+    if min_w * min_h > _FAST_MAX_DECODED_PX:
+        return None
+    pixels = jpegfast.decode(body, min_w, min_h)
     if pixels is None:
         return None
     _decodes += 1

@@ -758,3 +758,15 @@ def test_fast_path_quality_against_colour_managed_libvips(corpus, jpeg_path: str
                 worst = max(worst, mean_abs_diff_64(enc.data, reference))
     assert images.fast_decode_count() - before == (2 * len(good) if jpeg_path == "fast" else 0)
     assert worst <= 2.0, worst
+
+
+def test_fast_path_leaves_huge_decodes_to_libvips(monkeypatch: pytest.MonkeyPatch, jpeg_path: str) -> None:
+    """A decode larger than the fast path's pixel budget streams through libvips instead."""
+    body = jpeg(card(400, 300))
+    monkeypatch.setattr(images, "_FAST_MAX_DECODED_PX", 200 * 150)
+    before = images.fast_decode_count()
+    small = process(body, cfg("200"))  # 1/2-scale decode: 200 x 150, within the budget
+    assert images.fast_decode_count() - before == (1 if jpeg_path == "fast" else 0)
+    large = process(body, cfg("256"))  # needs 5/8 scale: 250 x 188, over it
+    assert images.fast_decode_count() - before == (1 if jpeg_path == "fast" else 0)
+    assert (small.outputs[0].width, large.outputs[0].width) == (200, 256)
