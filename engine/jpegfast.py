@@ -1,8 +1,8 @@
 """The JPEG fast path's building blocks: libjpeg-turbo decode and encode, OpenCV resize.
 
 libvips' own JPEG load and save cost about twice what libjpeg-turbo costs when called
-directly, plus ~3 ms of fixed cost per image job (measured on 64-px JPEGs, where pixels cost nothing), so for the common case
-:mod:`engine.images` decodes with libjpeg-turbo (simplejpeg) at the smallest DCT scale
+directly, plus ~3 ms of fixed cost per image job (measured on 64-px JPEGs, where pixels
+cost nothing), so for the common case :mod:`engine.images` decodes with libjpeg-turbo (simplejpeg) at the smallest DCT scale
 (M/8, M = 1..8) that serves every variant, resizes the pixels with OpenCV's area filter
 and encodes JPEG outputs with libjpeg-turbo again.
 
