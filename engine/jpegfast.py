@@ -2,9 +2,9 @@
 
 libvips' own JPEG load and save cost about twice what libjpeg-turbo costs when called
 directly, plus ~3 ms of fixed cost per image job (measured on 64-px JPEGs, where pixels
-cost nothing), so for the common case :mod:`engine.images` decodes with libjpeg-turbo (simplejpeg) at the smallest DCT scale
-(M/8, M = 1..8) that serves every variant, resizes the pixels with OpenCV's area filter
-and encodes JPEG outputs with libjpeg-turbo again.
+cost nothing), so for the common case :mod:`engine.images` decodes with libjpeg-turbo
+(simplejpeg) at the smallest DCT scale (M/8, M = 1..8) that serves every variant, resizes
+the pixels with OpenCV's area filter and encodes JPEG outputs with libjpeg-turbo again.
 
 Only what the fast path can do exactly as the pyvips path would is taken: a baseline,
 extended or progressive Huffman JPEG with 8-bit samples, YCbCr or grayscale (as libjpeg
