@@ -116,6 +116,16 @@ class Slab:
                 break
         return b"".join(parts)
 
+    def body(self, slots: Sequence[int], nbytes: int) -> memoryview | bytes:
+        """A body to read in place: a view of the slab when its slots are consecutive
+        (ascending), so it reaches the decoder without a copy; else one joined copy."""
+        first = slots[0]
+        need = slots_needed(nbytes, self.slot_bytes)
+        if all(slots[i] == first + i for i in range(1, need)):
+            off = first * self.slot_bytes
+            return self.buf[off : off + nbytes]
+        return self.read(slots, nbytes)
+
     def chunks(self, slots: Sequence[int], nbytes: int) -> Iterable[memoryview]:
         """Zero-copy views of a body, in order (the writer writes them straight to a file)."""
         sb = self.slot_bytes

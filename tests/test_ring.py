@@ -31,6 +31,14 @@ def test_body_over_scattered_slots_round_trips() -> None:
             slab.write(slots, body[off : off + 16384], off)
         assert slab.read(slots, len(body)) == body
         assert b"".join(slab.chunks(slots, len(body))) == body
+        scattered = slab.body(slots, len(body))
+        assert isinstance(scattered, bytes) and scattered == body
+        in_order = [3, 4, 5, 6, 11]  # the last slot is beyond the body: only the first four count
+        for off in range(0, len(body), 16384):
+            slab.write(in_order, body[off : off + 16384], off)
+        view = slab.body(in_order, len(body))
+        assert isinstance(view, memoryview) and view == body  # read in place, no copy
+        del view  # a live view would keep the segment from closing
     finally:
         slab.close()
 
