@@ -36,9 +36,14 @@ MAX_SIDECAR_BYTES = 8 * 1024 * 1024
 MAX_BOXES = 200
 
 
+def _quarter(rotation: float | None) -> int:
+    """Open Images ``Rotation`` (degrees, clockwise, empty on v1-v3) as 0, 90, 180 or 270."""
+    return int(round((rotation or 0) / 90.0)) * 90 % 360
+
+
 def to_stored(x: float, y: float, rotation: float | None) -> tuple[float, float]:
     """A normalised point of the upright image -> the same point in the stored (unrotated) one."""
-    r = int(round((rotation or 0) / 90.0)) * 90 % 360
+    r = _quarter(rotation)
     return {0: (x, y), 90: (y, 1 - x), 180: (1 - x, 1 - y), 270: (1 - y, x)}[r]
 
 
@@ -49,7 +54,7 @@ def display_box(box: Mapping[str, Any], doc: Mapping[str, Any], mode: str) -> tu
     """
     x0, y0, x1, y1 = (float(box[k]) for k in ("x_min", "y_min", "x_max", "y_max"))
     rot = doc.get("rotation")
-    r = int(round((rot or 0) / 90.0)) * 90 % 360
+    r = _quarter(rot)
     sw, sh = int(doc.get("source_width") or 0), int(doc.get("source_height") or 0)
     if doc.get("rotation_applied"):
         fw, fh = (sh, sw) if r in (90, 270) else (sw, sh)  # the written frame is upright
