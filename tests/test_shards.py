@@ -23,7 +23,7 @@ import pyvips
 from annotations_db import db_annotations, make_db
 from conftest import REPO, kill_tree_on_failure, run_cli, start_cli, wait_gone, write_list
 
-TF_PYTHON = REPO / "tests" / ".venv-tf" / "bin" / "python"
+TF_PYTHON = REPO / ".venv-tf" / "bin" / "python"  # scripts/test installs tensorflow-cpu there
 N_ITEMS = 24  # 23 photos and one broken file (index 4)
 VARIANTS = ("64", "original")
 BASE = ["run", "--sizes", "64", "--save-originals", "--procs", "2", "--ui", "none", "--max-retries", "0"]
@@ -201,8 +201,8 @@ def test_tfrecord_framing_and_examples(tfrecord_run: Path, meta) -> None:
 def test_tfrecord_read_by_tensorflow(tfrecord_run: Path, meta) -> None:
     if not TF_PYTHON.exists():
         if os.environ.get("CI"):
-            pytest.fail("tests/.venv-tf is missing on CI: scripts/test must install tensorflow-cpu")
-        pytest.skip("tests/.venv-tf is missing: ./scripts/test creates it (tensorflow-cpu)")
+            pytest.fail(".venv-tf is missing on CI: scripts/test must install tensorflow-cpu")
+        pytest.skip(".venv-tf is missing: ./scripts/test creates it (tensorflow-cpu)")
     _, _, ref = meta
     out = tfrecord_run
     rows, _, _ = _state(out)

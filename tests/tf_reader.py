@@ -1,4 +1,4 @@
-"""Runs inside the TensorFlow venv (tests/.venv-tf): reads TFRecord shards the way the TF
+"""Runs inside the TensorFlow venv (.venv-tf, made by scripts/test): reads TFRecord shards the way the TF
 Object Detection API does and prints one JSON line per example for the test to check.
 
 Usage: tf_reader.py SHARD...
