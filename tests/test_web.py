@@ -205,7 +205,11 @@ def test_web_serves_only_recent_images(tmp_path: Path, corpus, server) -> None:
         name = view["recent_ok"][0]["name"]
         with urllib.request.urlopen(url + "img/" + name, timeout=5) as r:
             assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
-        for bad in ("img/..%2F..%2Fetc%2Fpasswd", "img/notanid", "img/" + "a" * 300, "nothing"):
+        # boxes only with --annotations: a note, never an error
+        noboxes = json.load(urllib.request.urlopen(url + "boxes/" + name, timeout=5))
+        assert noboxes["boxes"] == [] and "--annotations" in noboxes["note"]
+        for bad in ("img/..%2F..%2Fetc%2Fpasswd", "img/notanid", "img/" + "a" * 300, "nothing",
+                    "boxes/..%2F..%2Fetc%2Fpasswd", "boxes/notanid"):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(url + bad, timeout=5)
             assert e.value.code == 404
@@ -342,7 +346,7 @@ def test_gallery_draws_annotation_boxes(tmp_path: Path, corpus, server) -> None:
     # no --apply-rotation: the boxes must be turned into the stored image's frame
     rotations = {i.image_id: (0, 90, 180, 270)[n % 4] for n, i in enumerate(good)}
     run = start_run(tmp_path, good, server, ["--ui", "none", "--web-port", "0", "--annotations", str(db)], ["web"],
-                    rate_bps=600_000, rotations=rotations)
+                    rate_bps=300_000, rotations=rotations)
     try:
         url = run.urls["web"]
         with _page(url, tmp_path, "--window-size=1400,2000") as dt:
@@ -388,11 +392,15 @@ def test_gallery_draws_annotation_boxes(tmp_path: Path, corpus, server) -> None:
             s = dt.eval(BOXES_STATE)
             assert not s["checked"] and s["pics"] and all(p["svg"] == "none" for p in s["pics"])
             assert all(b["rect"][2] == 0 for p in s["pics"] for b in p["boxes"])
+            assert run.proc.poll() is None, "the run ended before the reload: slow it down (rate_bps)"
             dt.eval("location.reload()")
             deadline = time.monotonic() + 20
             while True:
                 time.sleep(0.5)
-                s = dt.eval(f"document.readyState == 'complete' ? {BOXES_STATE} : null")
+                try:
+                    s = dt.eval(f"document.readyState == 'complete' ? {BOXES_STATE} : null")
+                except AssertionError:
+                    s = None  # evaluated while the old page was going away
                 if s and s["pics"]:
                     break
                 assert time.monotonic() < deadline, "the gallery did not come back after a reload"
