@@ -50,8 +50,12 @@ def start_run(tmp_path: Path, items, server, extra: Sequence[str], want: Sequenc
             r.append(str(rotations.get(r[0], 0)))
         with lst.open("w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows(rows)
-    args = ["run", str(lst), "--out", str(tmp_path / "out"), "--sizes", "128,256", "--procs", "2",
-            "--max-host-connections", str(SLOW_HOST_CONNECTIONS), *extra]
+    return launch(["run", str(lst), "--out", str(tmp_path / "out"), "--sizes", "128,256", "--procs", "2",
+                   "--max-host-connections", str(SLOW_HOST_CONNECTIONS), *extra], want)
+
+
+def launch(args: Sequence[str], want: Sequence[str]) -> Run:
+    """Start ``oidl-engine ARGS`` and wait until it has printed the URLs named in ``want``."""
     proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     urls: dict[str, str] = {}
     run = Run(proc, urls)
