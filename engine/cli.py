@@ -189,7 +189,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         metavar="TARGET",
         help="annotations database (oidl-engine db import: SQLite path or postgresql:// URL): attach each image's "
         "boxes, labels, segmentations (with mask PNGs), relationships and points to its sample; with --format "
-        "files, writes <ImageID>.json beside each image",
+        "files, writes <ImageID>.json beside each image (and the web UI's gallery draws the boxes)",
     )
     g.add_argument("--metadata-dir", type=Path,
                    help="where the release's mask zips are (default: the annotations database's directory)")
