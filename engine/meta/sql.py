@@ -1,0 +1,119 @@
+"""A thin, backend-neutral handle on the annotations database (SQLite file or PostgreSQL URL).
+
+``select`` and ``export`` write their SQL once, in portable SQL with ``?`` placeholders;
+this module hides the one difference that matters to them: psycopg wants ``%s``. Results
+are streamed (a server-side cursor on PostgreSQL, SQLite's own lazy cursor), so a query
+over millions of rows never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+#: rows fetched per round trip from a server-side cursor
+_FETCH_ROWS = 5000
+#: placeholders per ``IN (...)`` list: under SQLite's historical limit of 999 host parameters
+IN_CHUNK = 500
+
+
+class DatabaseError(Exception):
+    """The annotations database cannot be opened or read; the message is fit for the user."""
+
+
+def is_postgres_url(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+class Database:
+    """One connection; ``query`` streams rows, placeholders are ``?`` whatever the backend."""
+
+    def __init__(self, conn: Any, backend: str) -> None:
+        self.conn = conn
+        self.backend = backend  # "sqlite" | "postgres"
+        self._cursors = itertools.count()
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.backend == "postgres" else sql
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple]:
+        """Stream the rows of one SELECT."""
+        try:
+            if self.backend == "sqlite":
+                yield from self.conn.execute(sql, tuple(params))
+                return
+            # a named (server-side) cursor streams; it lives in a transaction we only read in
+            with self.conn.cursor(name=f"oidl_{next(self._cursors)}") as cur:
+                cur.itersize = _FETCH_ROWS
+                cur.execute(self._sql(sql), tuple(params))
+                yield from cur
+        except Exception as e:  # noqa: BLE001 - sqlite3.Error or psycopg.Error: one message for the user
+            if not _is_db_error(e):
+                raise
+            raise DatabaseError(f"query failed ({' '.join(str(e).split())}); is this an 'oidl-engine db import' database?") from None
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return list(self.query(sql, params))
+
+    def tables(self) -> set[str]:
+        if self.backend == "sqlite":
+            return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return {r[0] for r in self.all("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+
+    def close(self) -> None:
+        try:
+            if self.backend == "postgres":
+                self.conn.rollback()  # nothing was written: end the read transaction
+        finally:
+            self.conn.close()
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_database(target: str | Path) -> Database:
+    """Open TARGET for reading: a SQLite file that must exist, or a ``postgresql://`` URL."""
+    text = str(target)
+    if is_postgres_url(text):
+        try:
+            import psycopg
+        except ImportError:
+            raise DatabaseError(
+                "a postgresql:// target needs psycopg: pip install 'oidl-engine[postgres]'"
+            ) from None
+        try:
+            conn = psycopg.connect(text, connect_timeout=10)
+        except psycopg.Error as e:
+            raise DatabaseError(f"cannot connect to {text}: {str(e).strip()}") from None
+        return Database(conn, "postgres")
+    path = Path(text)
+    if not path.is_file():
+        raise DatabaseError(f"no annotations database at {path} (create it with 'oidl-engine db import')")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        conn.execute("SELECT 1 FROM sqlite_master LIMIT 1")
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot read {path}: {e}") from None
+    return Database(conn, "sqlite")
+
+
+def _is_db_error(e: BaseException) -> bool:
+    if isinstance(e, sqlite3.Error):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(e, psycopg.Error)
+
+
+def placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
