@@ -26,11 +26,18 @@ def ds() -> oi_synth.Dataset:
     return oi_synth.make_dataset()
 
 
-@pytest.fixture(scope="module")
-def target(ds: oi_synth.Dataset, tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("selectdb") / "openimages.sqlite"
-    oi_synth.load_sqlite(path, ds)
-    return str(path)
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def target(request, ds: oi_synth.Dataset, tmp_path_factory: pytest.TempPathFactory) -> str:  # noqa: ANN001
+    """The same rows in a SQLite file and in a real PostgreSQL server: the same SQL must give the same answers."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("selectdb") / "openimages.sqlite"
+        oi_synth.load_sqlite(path, ds)
+        return str(path)
+    psycopg = pytest.importorskip("psycopg")
+    url = request.getfixturevalue("postgres").new_database("select")
+    with psycopg.connect(url) as conn:
+        oi_synth.load_postgres(conn, ds)
+    return url
 
 
 def select(target: str, tmp: Path, *args: str) -> list[list[str]]:
@@ -152,6 +159,8 @@ def test_unknown_class_exits_2_with_the_nearest_names(target, tmp_path) -> None:
     assert p.returncode == 2 and "nope" in p.stderr and "Traceback" not in p.stderr
     p = run_cli(["select", "--db", str(tmp_path / "missing.sqlite"), "--class", "Cat", "--out", out])
     assert p.returncode == 1 and "db import" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(["select", "--db", "postgresql://nobody@127.0.0.1:1/none", "--class", "Cat", "--out", out])
+    assert p.returncode == 1 and "cannot connect" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_output_is_a_list_the_engine_reads(ds, target, tmp_path) -> None:  # noqa: ANN001

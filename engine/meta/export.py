@@ -36,7 +36,7 @@ from ..layout import ORIGINAL
 from ..variants import Mode, spec_from_name
 from .geometry import Geometry, geometry_for, quarter_turns
 from .select import SelectError, add_class_options, class_names, resolve_classes
-from .sql import Database, DatabaseError, open_database, placeholders
+from .sql import Database, DatabaseError, open_database, placeholders, stream
 
 FORMATS = ("yolo", "coco", "voc")
 EXIT_USAGE = 2
@@ -164,9 +164,9 @@ def iter_written(conn: sqlite3.Connection, variant: str) -> Iterator[_Written]:
 
 def categories(db: Database, names: Sequence[str], *, subclasses: bool) -> list[Category]:
     """The named classes (with their subclasses), else every boxable class, else every class with a box."""
-    by_mid = dict(db.query("SELECT mid, name FROM classes"))
+    by_mid = dict(stream(db, "SELECT mid, name FROM classes"))
     parent_of: dict[str, str] = {}
-    for parent, child in db.query("SELECT parent, child FROM class_edges WHERE relation = 'subcategory' ORDER BY parent"):
+    for parent, child in stream(db, "SELECT parent, child FROM class_edges WHERE relation = 'subcategory' ORDER BY parent"):
         parent_of.setdefault(child, parent)
     if names:
         mids: list[str] = []
@@ -174,9 +174,9 @@ def categories(db: Database, names: Sequence[str], *, subclasses: bool) -> list[
             below = sorted(req.mids - {req.mid}, key=lambda m: (by_mid.get(m) or m).casefold())
             mids += [m for m in (req.mid, *below) if m not in mids]
     else:
-        mids = [m for (m,) in db.query("SELECT mid FROM classes WHERE boxable = 1")]
+        mids = [m for (m,) in stream(db, "SELECT mid FROM classes WHERE boxable = 1")]
         if not mids:
-            mids = [m for (m,) in db.query("SELECT DISTINCT mid FROM boxes")]
+            mids = [m for (m,) in stream(db, "SELECT DISTINCT mid FROM boxes")]
         mids.sort(key=lambda m: ((by_mid.get(m) or m).casefold(), m))
     out = []
     for mid in mids:
@@ -234,6 +234,16 @@ class _Masks:
         for zf in self._zips.values():
             if zf is not None:
                 zf.close()
+
+
+def _have_pycocotools() -> bool:
+    try:
+        import pycocotools.mask  # noqa: F401
+    except ImportError:
+        print("warning: COCO without segmentations: the masks need pycocotools (pip install 'oidl-engine[export]')",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
@@ -438,12 +448,13 @@ def _annotations(
     db: Database, ids: Sequence[str], mids: dict[str, int], with_masks: bool
 ) -> tuple[dict[str, str], dict[str, list[tuple]], dict[str, list[tuple]]]:
     ph = placeholders(len(ids))
-    splits = dict(db.query(f"SELECT image_id, split FROM images WHERE image_id IN ({ph})", ids))
+    splits = dict(stream(db, f"SELECT image_id, split FROM images WHERE image_id IN ({ph})", ids))
     boxes: dict[str, list[tuple]] = {}
     masks: dict[str, list[tuple]] = {}
     # the class filter is applied here, not in SQL: ids and MIDs together could pass the
     # backends' limit on parameters, and the image_id index already narrows to a few rows
-    for row in db.query(
+    for row in stream(
+        db,
         "SELECT image_id, mid, x_min, x_max, y_min, y_max, is_group_of, is_occluded, is_truncated FROM boxes "
         f"WHERE image_id IN ({ph}) ORDER BY image_id, mid, x_min, y_min",
         ids,
@@ -451,7 +462,8 @@ def _annotations(
         if row[1] in mids:
             boxes.setdefault(row[0], []).append(row[1:])
     if with_masks:
-        for row in db.query(
+        for row in stream(
+            db,
             "SELECT image_id, mid, box_x_min, box_x_max, box_y_min, box_y_max, mask_zip, mask_path FROM segmentations "
             f"WHERE image_id IN ({ph}) ORDER BY image_id, mask_path",
             ids,
@@ -589,7 +601,7 @@ def _export_into(
 ) -> Summary:
     index = {c.mid: i for i, c in enumerate(cats)}
     writer = _WRITERS[fmt](built, final, cats)
-    masks = _Masks(meta_dir) if fmt == "coco" else None
+    masks = _Masks(meta_dir) if fmt == "coco" and _have_pycocotools() else None
     summary = Summary()
     (total,) = conn.execute(
         "SELECT COUNT(*) FROM images i JOIN outputs o ON o.image_id = i.image_id AND o.variant = ? WHERE i.status = 'ok'",

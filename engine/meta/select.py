@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
 from .schema import SPLITS
-from .sql import Database, DatabaseError, open_database, placeholders
+from .sql import Database, DatabaseError, open_database, placeholders, stream
 
 #: the 12 columns of a v4+ Open Images image list, in order, and their ``images`` columns
 LIST_COLUMNS = (
@@ -87,13 +87,13 @@ def resolve_classes(db: Database, names: Sequence[str], *, subclasses: bool) -> 
         raise SelectError("name at least one class with --class or --classes-file")
     by_mid: dict[str, str] = {}
     by_name: dict[str, list[str]] = {}
-    for mid, name in db.query("SELECT mid, name FROM classes"):
+    for mid, name in stream(db, "SELECT mid, name FROM classes"):
         by_mid[mid] = name
         if name:
             by_name.setdefault(name.casefold(), []).append(mid)
     children: dict[str, list[str]] = {}
     if subclasses:
-        for parent, child in db.query("SELECT parent, child FROM class_edges WHERE relation = 'subcategory'"):
+        for parent, child in stream(db, "SELECT parent, child FROM class_edges WHERE relation = 'subcategory'"):
             children.setdefault(parent, []).append(child)
     out: list[ClassRequest] = []
     seen: set[str] = set()
@@ -202,7 +202,7 @@ def iter_matches(db: Database, requests: Sequence[ClassRequest], f: Filters, *, 
             owners.setdefault(mid, []).append(i)
     sql, params = _matches_sql(sorted(owners), f)
     need = len(requests)
-    for _, group in itertools.groupby(db.query(sql, params), key=lambda r: r[1]):
+    for _, group in itertools.groupby(stream(db, sql, params), key=lambda r: r[1]):
         rows = list(group)
         matched = frozenset(i for r in rows for i in owners.get(r[0], ()))
         if match_all and len(matched) < need:

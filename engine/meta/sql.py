@@ -29,39 +29,11 @@ def is_postgres_url(target: str) -> bool:
 
 
 class Database:
-    """One connection; ``query`` streams rows, placeholders are ``?`` whatever the backend."""
+    """One open connection: ``backend`` is ``"sqlite"`` or ``"postgres"``."""
 
     def __init__(self, conn: Any, backend: str) -> None:
         self.conn = conn
-        self.backend = backend  # "sqlite" | "postgres"
-        self._cursors = itertools.count()
-
-    def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.backend == "postgres" else sql
-
-    def query(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple]:
-        """Stream the rows of one SELECT."""
-        try:
-            if self.backend == "sqlite":
-                yield from self.conn.execute(sql, tuple(params))
-                return
-            # a named (server-side) cursor streams; it lives in a transaction we only read in
-            with self.conn.cursor(name=f"oidl_{next(self._cursors)}") as cur:
-                cur.itersize = _FETCH_ROWS
-                cur.execute(self._sql(sql), tuple(params))
-                yield from cur
-        except Exception as e:  # noqa: BLE001 - sqlite3.Error or psycopg.Error: one message for the user
-            if not _is_db_error(e):
-                raise
-            raise DatabaseError(f"query failed ({' '.join(str(e).split())}); is this an 'oidl-engine db import' database?") from None
-
-    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
-        return list(self.query(sql, params))
-
-    def tables(self) -> set[str]:
-        if self.backend == "sqlite":
-            return {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        return {r[0] for r in self.all("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")}
+        self.backend = backend
 
     def close(self) -> None:
         try:
@@ -75,6 +47,30 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_cursor_names = itertools.count()
+
+
+def stream(db: Any, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple]:
+    """Stream the rows of one SELECT written with ``?`` placeholders, on either backend.
+
+    ``db`` is anything with ``backend`` and ``conn``. PostgreSQL rows come through a named
+    (server-side) cursor, ``_FETCH_ROWS`` at a time: a client-side cursor would hold the
+    whole result in memory.
+    """
+    try:
+        if db.backend == "sqlite":
+            yield from db.conn.execute(sql, tuple(params))
+            return
+        with db.conn.cursor(name=f"oidl_{next(_cursor_names)}") as cur:
+            cur.itersize = _FETCH_ROWS
+            cur.execute(sql.replace("?", "%s"), tuple(params))
+            yield from cur
+    except Exception as e:  # noqa: BLE001 - sqlite3.Error or psycopg.Error: one message for the user
+        if not _is_db_error(e):
+            raise
+        raise DatabaseError(f"query failed ({' '.join(str(e).split())}); is this an 'oidl-engine db import' database?") from None
 
 
 def open_database(target: str | Path) -> Database:
