@@ -20,6 +20,7 @@ import pyvips
 
 import oi_synth
 from conftest import run_cli
+from engine import cli
 from engine.loopback import LoopbackServer
 from engine.meta import schema
 
@@ -74,7 +75,7 @@ def png(a: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, LoopbackServer]]:
+def release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, LoopbackServer, oi_synth.Dataset]]:
     """Served pictures and an annotations DB (with mask zips beside it) whose boxes are their truth."""
     root = tmp_path_factory.mktemp("export-release")
     served = root / "www"
@@ -115,12 +116,12 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Lo
         # a box of a class the export asks for but no picture shows, on an image never fetched
         ds.boxes.append(oi_synth.box_row("f000000000000009", "train", CAR, 0.1, 0.2, 0.1, 0.2))
         oi_synth.load_sqlite(meta / "openimages.sqlite", ds)
-        yield meta, server
+        yield meta, server, ds
 
 
 @pytest.fixture(scope="module", params=["applied", "not-applied"])
 def run_out(request, release, tmp_path_factory) -> tuple[Path, Path, bool]:  # noqa: ANN001
-    meta, _ = release
+    meta, _, _ = release
     applied = request.param == "applied"
     work = tmp_path_factory.mktemp(f"export-{request.param}")
     lst = work / "list.csv"
@@ -139,10 +140,18 @@ def run_out(request, release, tmp_path_factory) -> tuple[Path, Path, bool]:  # n
     return meta, out, applied
 
 
-def export(meta: Path, out: Path, fmt: str, variant: str, dest: Path, *extra: str) -> Path:
-    run_cli(["export", "--db", meta / "openimages.sqlite", "--out", out, "--format", fmt, "--variant", variant,
-             "--dest", dest, "--class", "Cat", "--class", "/m/0bt9lr", "--class", "Car", *extra], check=True)
+def export(meta: Path, out: Path, fmt: str, variant: str, dest: Path, *extra: str, db: object = None) -> Path:
+    """In-process (the CLI's own main): a subprocess per export would cost more than the export."""
+    args = ["export", "--db", db or meta / "openimages.sqlite", "--meta-dir", meta, "--out", out, "--format", fmt,
+            "--variant", variant, "--dest", dest, "--class", "Cat", "--class", "/m/0bt9lr", "--class", "Car", *extra]
+    assert cli.main([str(a) for a in args]) == 0
     return dest
+
+
+def export_fails(capsys, *args: object) -> tuple[int, str]:  # noqa: ANN001
+    """Exit status and stderr of a failing export, in-process: an exception here is the traceback a user would see."""
+    code = cli.main(["export", *map(str, args)])
+    return code, capsys.readouterr().err
 
 
 def variant_names() -> list[str]:
@@ -238,15 +247,17 @@ def test_voc_xml(run_out, tmp_path) -> None:  # noqa: ANN001
         assert objs["Dog"].findtext("group_of") == "1"
 
 
-def test_export_errors_are_clear(run_out, tmp_path) -> None:  # noqa: ANN001
+def test_export_errors_are_clear(run_out, tmp_path, capsys) -> None:  # noqa: ANN001
     meta, out, applied = run_out
     db = meta / "openimages.sqlite"
-    p = run_cli(["export", "--db", db, "--out", out, "--format", "yolo", "--dest", tmp_path / "x"])
-    assert p.returncode == 2 and "--variant" in p.stderr and "Traceback" not in p.stderr  # several variants
-    p = run_cli(["export", "--db", db, "--out", out, "--format", "yolo", "--variant", "512", "--dest", tmp_path / "x"])
-    assert p.returncode == 2 and "96-png" in p.stderr
-    p = run_cli(["export", "--db", db, "--out", tmp_path, "--format", "coco", "--dest", tmp_path / "x"])
-    assert p.returncode == 2 and "no state DB" in p.stderr
+    code, err = export_fails(capsys, "--db", db, "--out", out, "--format", "yolo", "--dest", tmp_path / "x")
+    assert code == 2 and "--variant" in err  # several variants
+    code, err = export_fails(capsys, "--db", db, "--out", out, "--format", "yolo", "--variant", "512", "--dest", tmp_path / "x")
+    assert code == 2 and "96-png" in err
+    code, err = export_fails(capsys, "--db", db, "--out", tmp_path, "--format", "coco", "--dest", tmp_path / "x")
+    assert code == 2 and "no state DB" in err
+    code, err = export_fails(capsys, "--db", db, "--out", out, "--format", "voc", "--variant", "96-png", "--class", "Catt")
+    assert code == 2 and "did you mean 'Cat'?" in err
     assert not (tmp_path / "x").exists()
     if applied:
         return
@@ -256,3 +267,19 @@ def test_export_errors_are_clear(run_out, tmp_path) -> None:  # noqa: ANN001
     run_cli(["run", lst, "--out", out, "--procs", "1", "--ui", "none", "--apply-rotation", "--variant", "96:png"], check=True)
     p = run_cli(["export", "--db", db, "--out", out, "--format", "coco", "--variant", "96-png", "--dest", tmp_path / "x"])
     assert p.returncode == 2 and "--apply-rotation" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_coco_from_postgresql_equals_sqlite(release, run_out, tmp_path, request) -> None:  # noqa: ANN001
+    psycopg = pytest.importorskip("psycopg")
+    meta, _, ds = release
+    _, out, _ = run_out
+    url = request.getfixturevalue("postgres").new_database("export")
+    with psycopg.connect(url) as conn:
+        oi_synth.load_postgres(conn, ds)
+    for variant in ("64x48-fill-crop-png", "original"):
+        a = export(meta, out, "coco", variant, tmp_path / f"lite-{variant}")
+        b = export(meta, out, "coco", variant, tmp_path / f"pg-{variant}", db=url)
+        for split in ("train", "validation"):
+            ja = (a / "annotations" / f"instances_{split}.json").read_text()
+            jb = (b / "annotations" / f"instances_{split}.json").read_text()
+            assert ja == jb and '"segmentation"' in ja

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator, Sequence
 
 from .schema import SPLITS
-from .sql import Database, DatabaseError, open_database, placeholders, stream
+from .sql import IN_CHUNK, Database, DatabaseError, open_database, placeholders, stream
 
 #: the 12 columns of a v4+ Open Images image list, in order, and their ``images`` columns
 LIST_COLUMNS = (
@@ -178,19 +178,24 @@ def pairs_sql(mids: Sequence[str], f: Filters) -> tuple[str, list]:
     return " UNION ".join(parts), params
 
 
-def _matches_sql(mids: Sequence[str], f: Filters) -> tuple[str, list]:
+def _pairs_query(mids: Sequence[str], f: Filters) -> tuple[str, list]:
+    """The matching (image_id, mid) pairs of images the lists know, in ImageID order.
+
+    Narrow on purpose: only the two ids are sorted, and the join touches only the
+    ``images`` primary-key index (unless ``--split`` needs the row); the list columns are
+    fetched afterwards for the images actually written, in ImageID-ordered batches.
+    """
     union, params = pairs_sql(mids, f)
-    cols = ", ".join(f"i.{c}" for c in IMAGE_COLUMNS)
-    sql = f"SELECT m.mid, {cols} FROM ({union}) m JOIN images i ON i.image_id = m.image_id"
+    sql = f"SELECT m.image_id, m.mid FROM ({union}) m JOIN images i ON i.image_id = m.image_id"
     if f.splits:
         sql += f" WHERE i.split IN ({placeholders(len(f.splits))})"
         params = params + list(f.splits)
-    return sql + " ORDER BY i.image_id", params
+    return sql + " ORDER BY m.image_id", params
 
 
 @dataclass(frozen=True)
 class Match:
-    row: tuple  # the images columns, IMAGE_COLUMNS order
+    image_id: str
     classes: frozenset[int]  # indices of the requests it matches
 
 
@@ -200,15 +205,26 @@ def iter_matches(db: Database, requests: Sequence[ClassRequest], f: Filters, *, 
     for i, req in enumerate(requests):
         for mid in req.mids:
             owners.setdefault(mid, []).append(i)
-    sql, params = _matches_sql(sorted(owners), f)
+    sql, params = _pairs_query(sorted(owners), f)
     need = len(requests)
-    for _, group in itertools.groupby(stream(db, sql, params), key=lambda r: r[1]):
-        rows = list(group)
-        matched = frozenset(i for r in rows for i in owners.get(r[0], ()))
+    for image_id, group in itertools.groupby(stream(db, sql, params), key=lambda r: r[0]):
+        matched = frozenset(i for _, mid in group for i in owners.get(mid, ()))
         if match_all and len(matched) < need:
             continue
         if matched:
-            yield Match(rows[0][1:], matched)
+            yield Match(image_id, matched)
+
+
+def with_rows(db: Database, matches: Iterable[Match], batch: int = IN_CHUNK) -> Iterator[tuple[Match, tuple]]:
+    """Each match with its ``images`` row (IMAGE_COLUMNS order), in the matches' order."""
+    cols = ", ".join(IMAGE_COLUMNS)
+    it = iter(matches)
+    while chunk := list(itertools.islice(it, batch)):
+        ids = sorted({m.image_id for m in chunk})
+        rows = {r[0]: r for r in stream(db, f"SELECT {cols} FROM images WHERE image_id IN ({placeholders(len(ids))})", ids)}
+        for m in chunk:
+            if m.image_id in rows:
+                yield m, rows[m.image_id]
 
 
 def sample_key(seed: int, image_id: str) -> bytes:
@@ -218,7 +234,7 @@ def sample_key(seed: int, image_id: str) -> bytes:
 
 def limited(matches: Iterable[Match], limit: int, seed: int) -> list[Match]:
     """The ``limit`` best: most classes matched first, then a seeded random order (heap: O(limit) memory)."""
-    return heapq.nsmallest(limit, matches, key=lambda m: (-len(m.classes), sample_key(seed, m.row[0])))
+    return heapq.nsmallest(limit, matches, key=lambda m: (-len(m.classes), sample_key(seed, m.image_id)))
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -234,7 +250,7 @@ def _format(value: object) -> str:
     return str(value)
 
 
-def write_list(path: Path, matches: Iterable[Match]) -> int:
+def write_list(path: Path, rows: Iterable[tuple[Match, tuple]]) -> int:
     """Write the image list atomically (temporary file, fsync, rename); returns the row count."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -248,8 +264,8 @@ def write_list(path: Path, matches: Iterable[Match]) -> int:
         with raw:
             w = csv.writer(raw, lineterminator="\n")
             w.writerow(LIST_COLUMNS)
-            for m in matches:
-                w.writerow([_format(v) for v in m.row])
+            for _, row in rows:
+                w.writerow([_format(v) for v in row])
                 n += 1
             raw.flush()
             if path.suffix != ".gz":
@@ -264,12 +280,12 @@ def write_list(path: Path, matches: Iterable[Match]) -> int:
     return n
 
 
-def count_table(requests: Sequence[ClassRequest], matches: Iterable[Match]) -> str:
+def count_table(requests: Sequence[ClassRequest], rows: Iterable[tuple[Match, tuple]]) -> str:
     """Matches per class and split, plus the images selected, as a plain text table."""
     per: dict[tuple[int, str], int] = {}
     totals: dict[str, int] = {}
-    for m in matches:
-        split = m.row[1] or "?"
+    for m, row in rows:
+        split = row[1] or "?"
         totals[split] = totals.get(split, 0) + 1
         for i in m.classes:
             per[(i, split)] = per.get((i, split), 0) + 1
@@ -425,9 +441,9 @@ def run(args: argparse.Namespace) -> int:
             if args.limit is not None:
                 matches = limited(matches, args.limit, args.seed)
             if args.count:
-                print(count_table(requests, matches))
+                print(count_table(requests, with_rows(db, matches)))
                 return 0
-            n = write_list(args.out, matches)
+            n = write_list(args.out, with_rows(db, matches))
     except SelectError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
