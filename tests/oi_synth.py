@@ -141,7 +141,8 @@ def _load(conn, ds: Dataset, backend: str, mark: str) -> None:  # noqa: ANN001
     for name, rows in ds.rows().items():
         table = schema.BY_NAME[name]
         if rows:
-            cols = table.column_names
+            # the leading columns: the schema may grow columns (import bookkeeping) that stay NULL here
+            cols = table.column_names[: len(rows[0])]
             cur.executemany(f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})", rows)
         for sql in schema.index_sql(table):
             cur.execute(sql)

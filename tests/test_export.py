@@ -20,6 +20,7 @@ import pyvips
 
 import oi_synth
 from conftest import run_cli
+from test_select import postgres_server
 from engine import cli
 from engine.loopback import LoopbackServer
 from engine.meta import schema
@@ -37,7 +38,7 @@ PICTURES = [
     ("d000000000000003", 270.0, 240, 320, (30, 200, 200, 300), (5, 5, 60, 40)),
     ("e000000000000004", None, 200, 300, (50, 50, 150, 120), (20, 200, 180, 290)),
 ]
-VARIANTS = ("96:png", "64x48:fill-crop:png", "80x80:pad:png")
+VARIANTS = ("96:png", "64x48:fill-crop:png", "80x80:pad:png", "40x60:fill-distort:png")
 
 
 def picture(w: int, h: int, red: tuple, blue: tuple) -> np.ndarray:
@@ -155,7 +156,7 @@ def export_fails(capsys, *args: object) -> tuple[int, str]:  # noqa: ANN001
 
 
 def variant_names() -> list[str]:
-    return ["96-png", "64x48-fill-crop-png", "80-pad-png", "original"]
+    return ["96-png", "64x48-fill-crop-png", "80-pad-png", "40x60-fill-distort-png", "original"]
 
 
 def assert_close(got: tuple, want: tuple | None, what: str) -> None:
@@ -273,7 +274,7 @@ def test_coco_from_postgresql_equals_sqlite(release, run_out, tmp_path, request)
     psycopg = pytest.importorskip("psycopg")
     meta, _, ds = release
     _, out, _ = run_out
-    url = request.getfixturevalue("postgres").new_database("export")
+    url = postgres_server(request).new_database("export")
     with psycopg.connect(url) as conn:
         oi_synth.load_postgres(conn, ds)
     for variant in ("64x48-fill-crop-png", "original"):
