@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import sqlite3
+
+import pytest
 from dataclasses import dataclass, field
 
 from engine.meta import schema
@@ -198,3 +200,11 @@ def brute_select(ds: Dataset, groups: list[set[str]], kinds=("boxes",), *, match
         if n and (match == "any" or n == len(groups)):
             out[image_id] = n
     return out
+
+
+def postgres_server(request):  # noqa: ANN001, ANN201
+    """The suite's real PostgreSQL (conftest's ``postgres`` fixture, tests/pg.py)."""
+    try:
+        return request.getfixturevalue("postgres")
+    except pytest.FixtureLookupError:
+        pytest.skip("no 'postgres' fixture in this checkout")

@@ -20,7 +20,6 @@ import pyvips
 
 import oi_synth
 from conftest import run_cli
-from test_select import postgres_server
 from engine import cli
 from engine.loopback import LoopbackServer
 from engine.meta import schema
@@ -274,7 +273,7 @@ def test_coco_from_postgresql_equals_sqlite(release, run_out, tmp_path, request)
     psycopg = pytest.importorskip("psycopg")
     meta, _, ds = release
     _, out, _ = run_out
-    url = postgres_server(request).new_database("export")
+    url = oi_synth.postgres_server(request).new_database("export")
     with psycopg.connect(url) as conn:
         oi_synth.load_postgres(conn, ds)
     for variant in ("64x48-fill-crop-png", "original"):

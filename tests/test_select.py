@@ -34,18 +34,10 @@ def target(request, ds: oi_synth.Dataset, tmp_path_factory: pytest.TempPathFacto
         oi_synth.load_sqlite(path, ds)
         return str(path)
     psycopg = pytest.importorskip("psycopg")
-    url = postgres_server(request).new_database("select")
+    url = oi_synth.postgres_server(request).new_database("select")
     with psycopg.connect(url) as conn:
         oi_synth.load_postgres(conn, ds)
     return url
-
-
-def postgres_server(request):  # noqa: ANN001, ANN201
-    """The suite's real PostgreSQL (conftest's ``postgres`` fixture, tests/pg.py)."""
-    try:
-        return request.getfixturevalue("postgres")
-    except pytest.FixtureLookupError:
-        pytest.skip("no 'postgres' fixture in this checkout")
 
 
 def select(target: str, tmp: Path, *args: str) -> list[list[str]]:
