@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import heapq
 import itertools
+import operator
 import os
 import sys
 from dataclasses import dataclass
@@ -188,8 +189,8 @@ def _pairs_query(mids: Sequence[str], f: Filters, *, wide: bool) -> tuple[str, l
     (measured 1.4x faster than narrow-then-fetch for 380k of 1.7M images).
     """
     union, params = pairs_sql(mids, f)
-    cols = "".join(f", i.{c}" for c in IMAGE_COLUMNS[1:]) if wide else ""
-    sql = f"SELECT m.image_id, m.mid{cols} FROM ({union}) m JOIN images i ON i.image_id = m.image_id"
+    cols = "".join(f"i.{c}, " for c in IMAGE_COLUMNS[1:]) if wide else ""
+    sql = f"SELECT m.image_id, {cols}m.mid FROM ({union}) m JOIN images i ON i.image_id = m.image_id"
     if f.splits:
         sql += f" WHERE i.split IN ({placeholders(len(f.splits))})"
         params = params + list(f.splits)
@@ -216,11 +217,14 @@ def _grouped(
     owners = _owners(requests)
     sql, params = _pairs_query(sorted(owners), f, wide=wide)
     need = len(requests)
-    for image_id, group in itertools.groupby(stream(db, sql, params), key=lambda r: r[0]):
-        rows = list(group)
-        matched = frozenset(i for r in rows for i in owners.get(r[1], ()))
-        if matched and (not match_all or len(matched) == need):
-            yield Match(image_id, matched), rows[0]
+    # rows are (image_id[, the other images columns], mid): every mid is one of ``owners``
+    for image_id, group in itertools.groupby(stream(db, sql, params), key=operator.itemgetter(0)):
+        first = next(group)
+        matched = set(owners[first[-1]])
+        for r in group:
+            matched.update(owners[r[-1]])
+        if not match_all or len(matched) == need:
+            yield Match(image_id, frozenset(matched)), first[:-1]
 
 
 def iter_matches(db: Database, requests: Sequence[ClassRequest], f: Filters, *, match_all: bool) -> Iterator[Match]:
@@ -233,8 +237,7 @@ def selected(
 ) -> Iterator[tuple[Match, tuple]]:
     """The images to write with their ``images`` rows (IMAGE_COLUMNS order), in output order."""
     if limit is None:
-        for m, row in _grouped(db, requests, f, match_all=match_all, wide=True):
-            yield m, (row[0], *row[2:])
+        yield from _grouped(db, requests, f, match_all=match_all, wide=True)
         return
     yield from with_rows(db, limited(iter_matches(db, requests, f, match_all=match_all), limit, seed))
 
