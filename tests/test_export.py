@@ -259,6 +259,18 @@ def test_export_errors_are_clear(run_out, tmp_path, capsys) -> None:  # noqa: AN
     code, err = export_fails(capsys, "--db", db, "--out", out, "--format", "voc", "--variant", "96-png", "--class", "Catt")
     assert code == 2 and "did you mean 'Cat'?" in err
     assert not (tmp_path / "x").exists()
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    code, err = export_fails(capsys, "--db", db, "--out", out, "--format", "voc", "--variant", "96-png", "--dest", keep)
+    assert code == 2 and "not an earlier export" in err and (keep / "precious.txt").exists()
+    # an earlier export is replaced whole, never mixed with the new one
+    again = tmp_path / "again"
+    export(meta, out, "yolo", "96-png", again)
+    (again / "labels" / "stale.txt").write_text("")
+    export(meta, out, "yolo", "96-png", again)
+    assert not (again / "labels" / "stale.txt").exists() and (again / "data.yaml").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no build or old directory left
     if applied:
         return
     # a second run into the same OUT with the other --apply-rotation: the files' orientation is unknown

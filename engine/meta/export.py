@@ -39,6 +39,8 @@ from .select import SelectError, add_class_options, class_names, resolve_classes
 from .sql import Database, DatabaseError, open_database, placeholders, stream
 
 FORMATS = ("yolo", "coco", "voc")
+#: written into every export: only a directory holding it is ever replaced by a new export
+MARKER = ".oidl-export.json"
 EXIT_USAGE = 2
 #: images per annotations query
 _BATCH = 500
@@ -567,12 +569,16 @@ def export(
         if not cats:
             raise ExportError("no classes to export: the annotations database has no boxable class and no box")
         final = (dest or out_dir / "export" / f"{fmt}-{variant}").absolute()
+        if final.exists() and not (final / MARKER).is_file():
+            # replacing it would delete whatever the user keeps there
+            raise ExportError(f"{final} exists and is not an earlier export: choose another --dest")
         final.parent.mkdir(parents=True, exist_ok=True)
         built = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(built, ignore_errors=True)
         built.mkdir()
         try:
             summary = _export_into(conn, db, out_dir, built, final, fmt, variant, mode, applied, cats, meta_dir)
+            (built / MARKER).write_text(json.dumps({"format": fmt, "variant": variant, "images": summary.images}) + "\n")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             if final.exists():
                 os.replace(final, old)
