@@ -308,8 +308,11 @@ class YoloWriter(_Writer):
         lines = [f"path: {json.dumps(str(self.final.resolve()))}"]
         for split in self.splits:
             lines.append(f"{keys.get(split, json.dumps(split))}: images/{split}")
-        if "train" not in self.splits and "validation" in self.splits:
-            lines.append("train: images/validation  # the selection holds no train images")
+        # ultralytics refuses a data.yaml without both train and val: borrow the other split
+        present = [s for s in ("train", "validation") if s in self.splits] or list(self.splits)[:1]
+        for split, key in (("train", "train"), ("validation", "val")):
+            if split not in self.splits and present:
+                lines.append(f"{key}: images/{present[0]}  # the export holds no {split} images")
         lines.append(f"nc: {len(self.cats)}")
         lines.append("names:")
         lines += [f"  {i}: {json.dumps(c.name)}" for i, c in enumerate(self.cats)]
