@@ -22,7 +22,6 @@ import oi_synth
 from conftest import run_cli
 from engine import cli
 from engine.loopback import LoopbackServer
-from engine.meta import schema
 
 yaml = pytest.importorskip("yaml")
 coco_api = pytest.importorskip("pycocotools.coco")

@@ -36,7 +36,7 @@ from ..layout import ORIGINAL
 from ..variants import Mode, spec_from_name
 from .geometry import Geometry, geometry_for, quarter_turns
 from .select import SelectError, add_class_options, class_names, resolve_classes
-from .sql import Database, DatabaseError, open_database, placeholders, stream
+from .sql import Database, DatabaseError, is_postgres_url, open_database, placeholders, stream
 
 FORMATS = ("yolo", "coco", "voc")
 #: written into every export: only a directory holding it is ever replaced by a new export
@@ -701,7 +701,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     meta_dir = args.meta_dir
-    if meta_dir is None and not str(args.db).startswith(("postgresql://", "postgres://")):
+    if meta_dir is None and not is_postgres_url(str(args.db)):
         meta_dir = Path(args.db).parent
     try:
         with open_database(args.db) as db:

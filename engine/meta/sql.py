@@ -108,8 +108,3 @@ def _is_db_error(e: BaseException) -> bool:
 
 def placeholders(n: int) -> str:
     return ",".join("?" * n)
-
-
-def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
