@@ -35,8 +35,8 @@ from ..inputs import is_safe_image_id
 from ..layout import ORIGINAL
 from ..variants import Mode, spec_from_name
 from .geometry import Geometry, geometry_for, quarter_turns
-from .select import SelectError, add_class_options, class_names, resolve_classes
-from .sql import Database, DatabaseError, is_postgres_url, open_database, placeholders, stream
+from .select import SelectError, add_class_options, class_names, exit_status, resolve_classes
+from .sql import Database, is_postgres_url, open_database, placeholders, stream
 
 FORMATS = ("yolo", "coco", "voc")
 #: written into every export: only a directory holding it is ever replaced by a new export
@@ -703,7 +703,8 @@ def run(args: argparse.Namespace) -> int:
     meta_dir = args.meta_dir
     if meta_dir is None and not is_postgres_url(str(args.db)):
         meta_dir = Path(args.db).parent
-    try:
+
+    def body() -> int:
         with open_database(args.db) as db:
             final, s = export(
                 db,
@@ -716,20 +717,13 @@ def run(args: argparse.Namespace) -> int:
                 subclasses=args.subclasses,
                 meta_dir=meta_dir,
             )
-    except (ExportError, SelectError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except DatabaseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {e.strerror or e} ({e.filename})", file=sys.stderr)
-        return 1
-    per_split = ", ".join(f"{k} {v}" for k, v in s.splits.items())
-    line = f"exported {s.images} images ({per_split or 'none'}), {s.objects} objects to {final}"
-    if s.outside:
-        line += f"; {s.outside} boxes fell outside the cropped files"
-    if args.format == "coco":
-        line += f"; {s.masks} masks" + (f", {s.masks_missing} not found (mask zips absent)" if s.masks_missing else "")
-    print(line, file=sys.stderr)
-    return 0
+        per_split = ", ".join(f"{k} {v}" for k, v in s.splits.items())
+        line = f"exported {s.images} images ({per_split or 'none'}), {s.objects} objects to {final}"
+        if s.outside:
+            line += f"; {s.outside} boxes fell outside the cropped files"
+        if args.format == "coco":
+            line += f"; {s.masks} masks" + (f", {s.masks_missing} not found (mask zips absent)" if s.masks_missing else "")
+        print(line, file=sys.stderr)
+        return 0
+
+    return exit_status(body, (ExportError, SelectError))

@@ -23,7 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, Callable, Iterable, Iterator, Sequence
 
 from ..cli import _positive
 from .schema import SPLITS
@@ -437,11 +437,27 @@ def filters_from_args(args: argparse.Namespace) -> Filters:
     )
 
 
+def exit_status(body: Callable[[], int], usage_errors: tuple[type[Exception], ...]) -> int:
+    """Run a command body: bad input exits 2, database and file trouble 1, each as one line (never a traceback)."""
+    try:
+        return body()
+    except usage_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except DatabaseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
+        return 1
+
+
 def run(args: argparse.Namespace) -> int:
     if args.out is None and not args.count:
         print("error: --out LIST.csv is required (or --count)", file=sys.stderr)
         return EXIT_USAGE
-    try:
+
+    def body() -> int:
         with open_database(args.db) as db:
             requests = resolve_classes(db, class_names(args), subclasses=args.subclasses)
             rows = selected(db, requests, filters_from_args(args), match_all=args.match == "all", limit=args.limit,
@@ -450,14 +466,7 @@ def run(args: argparse.Namespace) -> int:
                 print(count_table(requests, rows))
                 return 0
             n = write_list(args.out, rows)
-    except SelectError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except DatabaseError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    print(f"wrote {n} images to {args.out}", file=sys.stderr)
-    return 0
+        print(f"wrote {n} images to {args.out}", file=sys.stderr)
+        return 0
+
+    return exit_status(body, (SelectError,))
