@@ -294,3 +294,16 @@ def test_coco_from_postgresql_equals_sqlite(release, run_out, tmp_path, request)
             ja = (a / "annotations" / f"instances_{split}.json").read_text()
             jb = (b / "annotations" / f"instances_{split}.json").read_text()
             assert ja == jb and '"segmentation"' in ja
+
+
+@pytest.mark.parametrize("spec", ["256", "512:fill-crop:webp:q80", "224x224:fill-distort", "640x480:pad:q75:progressive",
+                                  "300:subsample=off", "64:png", "100x50:fill-crop:jpeg:q91:subsample=on"])
+def test_variant_names_read_back_as_their_spec(spec: str) -> None:
+    """export finds a variant's mode from its directory name alone."""
+    from engine.variants import parse_variant, spec_from_name
+
+    v = parse_variant(spec)
+    assert spec_from_name(v.name) == v
+    for bad in ("", "fill-crop", "256-nope", "256-fill", "-256"):
+        with pytest.raises(ValueError):
+            spec_from_name(bad)
