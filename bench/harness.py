@@ -12,6 +12,8 @@ big-list       a 2M-row list: time to the first finished image, RSS over a fixed
                (then Ctrl-C, which the engine drains gracefully)
 fetch-only     small files, ``--sizes ''``, originals kept: requests/s per fetcher process vs
                wrk (or ``curl --parallel``) on the same server
+shards         ``--sizes 256`` with ``--format webdataset`` vs the same run with ``--format files``
+               (files, webdataset, files: the ratio is against the mean of the two files runs)
 =============  ==================================================================================
 
 Ratios are taken within one run, scenario by scenario (the ceiling is re-measured right
@@ -37,7 +39,7 @@ from .servers import FileServer, start_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-SCENARIOS = ("one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only")
+SCENARIOS = ("one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "shards")
 MIB = 2**20
 
 
@@ -57,6 +59,7 @@ class BenchConfig:
     big_list_run_s: float = 45.0
     big_list_after_first_s: float | None = None  # smoke: stop this long after the first image
     fetch_images: int = 5000
+    shard_images: int = 3000
     ceiling_sample: int = 2000  # the most files the ceiling processes per scenario
     #: engine per-host connection cap on the fast server; img2dataset gets as many threads
     host_connections: int = 2 * competitors.I2D_THREADS_PER_PROC
@@ -77,6 +80,7 @@ class BenchConfig:
             big_list_run_s=30.0,
             big_list_after_first_s=2.0,
             fetch_images=120,
+            shard_images=24,
             ceiling_sample=24,
             img2dataset=img2dataset,
             smoke=True,
@@ -284,6 +288,31 @@ def scenario_resize(cfg: BenchConfig, server: FileServer, corpus: Corpus, sizes:
     return result
 
 
+def scenario_shards(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> dict[str, Any]:
+    """Fewer, bigger files must not cost speed: webdataset shards vs loose files, same run otherwise."""
+    items = corpus.items[: cfg.shard_images]
+    list_path = cfg.work_dir / "lists" / "shards.csv"
+    write_list(list_path, items, server.url)
+    warm_page_cache([corpus.root / i.relpath for i in items])
+    common = ["--max-host-connections", str(cfg.host_connections)]
+    result: dict[str, Any] = {"images": len(items), "sizes": [256]}
+    runs = {}
+    # files, webdataset, files: drift on a shared machine hits both formats alike (smoke: one of each)
+    order = (("files_1", "files"), ("webdataset", "webdataset"), ("files_2", "files"))
+    for key, fmt in order[:2] if cfg.smoke else order:
+        runs[key], _ = run_engine(cfg, list_path, cfg.work_dir / "out" / f"shards-{key}", "256",
+                                  [*common, "--format", fmt, "--shard-size", "1000"])
+    result["engine"] = runs["webdataset"]
+    result["files"] = {k: v for k, v in runs.items() if k.startswith("files")}
+    files_ips = sum(r["images_per_s"] for r in result["files"].values()) / len(result["files"])
+    files_cpu = sum(r["cpu_ms_per_image"] for r in result["files"].values()) / len(result["files"])
+    result["ratios"] = {
+        "webdataset_vs_files": _ratio(runs["webdataset"]["images_per_s"], files_ips),
+        "webdataset_cpu_vs_files": _ratio(runs["webdataset"]["cpu_ms_per_image"], files_cpu),
+    }
+    return result
+
+
 def scenario_slow_hosts(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> dict[str, Any]:
     items = corpus.items[: cfg.slow_images]
     list_path = cfg.work_dir / "lists" / "slow-hosts.csv"
@@ -403,6 +432,8 @@ GOALS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None], str, floa
     ("big-list", "first image done, s", lambda r: r["engine"].get("first_done_s"), "<=", 5.0),
     ("big-list", "RSS growth in window, MiB", lambda r: r.get("memory", {}).get("rss_growth_mib"), "<=", 64.0),
     ("fetch-only", "engine req/s per fetcher / wrk", lambda r: r.get("ratios", {}).get("engine_fetcher_vs_network_ceiling"), ">=", 0.0),
+    ("shards", "webdataset / files img/s", lambda r: r["ratios"].get("webdataset_vs_files"), ">=", 1.0),
+    ("shards", "webdataset / files CPU per image", lambda r: r["ratios"].get("webdataset_cpu_vs_files"), "<=", 1.0),
 )
 
 
@@ -429,7 +460,7 @@ def table(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append("| scenario | ceiling img/s | engine img/s | img2dataset img/s | engine CPU ms/img | img2dataset CPU ms/img |")
     lines.append("|---|---|---|---|---|---|")
-    for name in ("one-size", "three-sizes", "slow-hosts", "fetch-only"):
+    for name in ("one-size", "three-sizes", "slow-hosts", "fetch-only", "shards"):
         r = scen.get(name)
         if not r:
             continue
@@ -449,7 +480,7 @@ def run(cfg: BenchConfig, scenarios: Sequence[str], log: Callable[[str], None] =
         competitors.ensure_img2dataset()
     _compile_engine()
     started = time.time()
-    n_photos = max(cfg.images, cfg.slow_images)  # one corpus for every scenario: cached once
+    n_photos = max(cfg.images, cfg.slow_images, cfg.shard_images)  # one corpus for every scenario: cached once
     log(f"corpus: {n_photos} photo-like JPEGs under {cfg.work_dir} (cached after the first run)")
     t0 = time.monotonic()
     corpus = photo_corpus(cfg, n_photos)
@@ -490,6 +521,8 @@ def run(cfg: BenchConfig, scenarios: Sequence[str], log: Callable[[str], None] =
                 r["rss_series_mib"] = [(t, round(rss / MIB)) for t, rss, _ in series[::step]]
             elif name == "fetch-only":
                 r = scenario_fetch_only(cfg, server, corpus)
+            elif name == "shards":
+                r = scenario_shards(cfg, server, corpus)
             else:
                 raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
             r["scenario_s"] = round(time.monotonic() - t, 1)

@@ -67,6 +67,21 @@ class OutputConfig:
     #: rows per state-DB transaction and the longest a finished row waits to be committed
     batch_rows: int = 256
     batch_s: float = 0.5
+    #: files | webdataset | tfrecord | parquet (engine.sinks)
+    format: str = "files"
+    #: a shard group is cut at this many images or when one of its shards reaches shard_bytes
+    shard_rows: int = 10_000
+    shard_bytes: int | None = 1024**3
+    #: annotations database (SQLite path or postgresql:// URL) attached to every sample
+    annotations: str | None = None
+    #: where the release's mask zips are (segmentations.mask_zip is relative to it); default: the DB's directory
+    metadata_dir: Path | None = None
+    #: copy of PipelineConfig.apply_rotation: samples say whether Rotation was applied
+    rotation_applied: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.format != "files"
 
     @property
     def tmp_dir(self) -> Path:

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
@@ -27,7 +27,7 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=170,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
@@ -36,7 +36,11 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert result["server"] == ("nginx" if nginx else "loopback")
     assert ("server_note" in result) == (not nginx)
     scen = result["scenarios"]
-    assert set(scen) == {"one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only"}
+    assert set(scen) == {"one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "shards"}
+    shards = scen["shards"]
+    for run in (shards["engine"], *shards["files"].values()):
+        assert run["returncode"] == 0 and run["rows"] == {"ok": shards["images"]}, run.get("stderr_tail")
+    assert 0 < shards["ratios"]["webdataset_vs_files"] < 5
 
     for name in ("one-size", "three-sizes", "slow-hosts"):
         r = scen[name]
