@@ -87,11 +87,17 @@ class Image:
 # -- the state DB side -----------------------------------------------------------------------
 
 
+def _files_only(conn: sqlite3.Connection) -> str:
+    """The condition for outputs that are files of their own (not images inside a shard)."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(outputs)")}
+    return " AND o.shard_offset IS NULL" if "shard_offset" in cols else ""
+
+
 def _variants(conn: sqlite3.Connection) -> dict[str, int]:
     return dict(
         conn.execute(
             "SELECT o.variant, COUNT(*) FROM outputs o JOIN images i ON i.image_id = o.image_id "
-            "WHERE i.status = 'ok' GROUP BY o.variant ORDER BY o.variant"
+            f"WHERE i.status = 'ok'{_files_only(conn)} GROUP BY o.variant ORDER BY o.variant"
         )
     )
 
@@ -99,7 +105,10 @@ def _variants(conn: sqlite3.Connection) -> dict[str, int]:
 def choose_variant(conn: sqlite3.Connection, wanted: str | None) -> str:
     have = _variants(conn)
     if not have:
-        raise ExportError("the state DB holds no written files (run 'oidl-engine run' with --variant/--sizes first)")
+        raise ExportError(
+            "the state DB holds no written image files (run 'oidl-engine run' with --variant/--sizes first; "
+            "images inside shards are labelled by the shards themselves)"
+        )
     if wanted is not None:
         if wanted not in have:
             raise ExportError(f"no files of variant {wanted!r}; the run wrote: {', '.join(have)}")
@@ -143,7 +152,7 @@ def iter_written(conn: sqlite3.Connection, variant: str) -> Iterator[_Written]:
     rows = conn.execute(
         "SELECT i.image_id, i.width, i.height, i.list_id, i.fields, o.path, o.width, o.height "
         "FROM images i JOIN outputs o ON o.image_id = i.image_id AND o.variant = ? "
-        "WHERE i.status = 'ok' ORDER BY i.image_id",
+        f"WHERE i.status = 'ok'{_files_only(conn)} ORDER BY i.image_id",
         (variant,),
     )
     for image_id, w, h, list_id, fields_json, path, fw, fh in rows:
@@ -613,7 +622,8 @@ def _export_into(
     masks = _Masks(meta_dir) if fmt == "coco" and _have_pycocotools() else None
     summary = Summary()
     (total,) = conn.execute(
-        "SELECT COUNT(*) FROM images i JOIN outputs o ON o.image_id = i.image_id AND o.variant = ? WHERE i.status = 'ok'",
+        "SELECT COUNT(*) FROM images i JOIN outputs o ON o.image_id = i.image_id AND o.variant = ? "
+        f"WHERE i.status = 'ok'{_files_only(conn)}",
         (variant,),
     ).fetchone()
     progress = _Progress(total)
