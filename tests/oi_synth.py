@@ -208,3 +208,23 @@ def postgres_server(request):  # noqa: ANN001, ANN201
         return request.getfixturevalue("postgres")
     except pytest.FixtureLookupError:
         pytest.skip("no 'postgres' fixture in this checkout")
+
+
+def cli_main(argv: list[str]) -> int:
+    """``engine.cli.main`` in this process, leaving logging as it found it.
+
+    main() configures logging for a command-line process (the pyvips logger at ERROR); left
+    that way, image tests later in the session would no longer see libvips warnings.
+    """
+    import logging
+
+    from engine import cli
+
+    loggers = [logging.getLogger(), logging.getLogger("pyvips")]
+    saved = [(lg, lg.level, list(lg.handlers)) for lg in loggers]
+    try:
+        return cli.main(argv)
+    finally:
+        for lg, level, handlers in saved:
+            lg.setLevel(level)
+            lg.handlers[:] = handlers

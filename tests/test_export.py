@@ -20,7 +20,6 @@ import pyvips
 
 import oi_synth
 from conftest import run_cli
-from engine import cli
 from engine.loopback import LoopbackServer
 
 yaml = pytest.importorskip("yaml")
@@ -143,13 +142,13 @@ def export(meta: Path, out: Path, fmt: str, variant: str, dest: Path, *extra: st
     """In-process (the CLI's own main): a subprocess per export would cost more than the export."""
     args = ["export", "--db", db or meta / "openimages.sqlite", "--meta-dir", meta, "--out", out, "--format", fmt,
             "--variant", variant, "--dest", dest, "--class", "Cat", "--class", "/m/0bt9lr", "--class", "Car", *extra]
-    assert cli.main([str(a) for a in args]) == 0
+    assert oi_synth.cli_main([str(a) for a in args]) == 0
     return dest
 
 
 def export_fails(capsys, *args: object) -> tuple[int, str]:  # noqa: ANN001
     """Exit status and stderr of a failing export, in-process: an exception here is the traceback a user would see."""
-    code = cli.main(["export", *map(str, args)])
+    code = oi_synth.cli_main(["export", *map(str, args)])
     return code, capsys.readouterr().err
 
 

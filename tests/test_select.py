@@ -11,7 +11,7 @@ import pytest
 
 import oi_synth
 from conftest import run_cli
-from engine import cli, inputs
+from engine import inputs
 from engine.meta.select import LIST_COLUMNS, sample_key
 
 CAT, DOG, ANIMAL, VEHICLE, CAR, WHEEL, PERSON, FACE = (
@@ -43,7 +43,7 @@ def target(request, ds: oi_synth.Dataset, tmp_path_factory: pytest.TempPathFacto
 def select(target: str, tmp: Path, *args: str) -> list[list[str]]:
     out = tmp / "sel.csv"
     out.unlink(missing_ok=True)
-    assert cli.main(["select", "--db", target, "--out", str(out), *args]) == 0
+    assert oi_synth.cli_main(["select", "--db", target, "--out", str(out), *args]) == 0
     with out.open(newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert tuple(rows[0]) == LIST_COLUMNS
@@ -121,7 +121,7 @@ def test_limit_seed_ranks_images_showing_more_classes_first(ds, target, tmp_path
 
 def test_count_prints_matches_per_class_and_split(ds, target, tmp_path, capsys) -> None:  # noqa: ANN001
     out = tmp_path / "never.csv"
-    assert cli.main(["select", "--db", target, "--class", "Cat", "--class", "Ducks, geese and swans", "--count",
+    assert oi_synth.cli_main(["select", "--db", target, "--class", "Cat", "--class", "Ducks, geese and swans", "--count",
                      "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert not out.exists()
@@ -157,7 +157,7 @@ def test_unknown_class_exits_2_with_the_nearest_names(target, tmp_path, capsys) 
     def fails(*args: str) -> tuple[int, str]:
         """In-process: an exception here is the traceback a user would see."""
         try:
-            code = cli.main(["select", "--out", str(out), *args])
+            code = oi_synth.cli_main(["select", "--out", str(out), *args])
         except SystemExit as e:  # argparse's usage errors
             code = int(e.code or 0)
         return code, capsys.readouterr().err
@@ -175,7 +175,7 @@ def test_unknown_class_exits_2_with_the_nearest_names(target, tmp_path, capsys) 
 
 def test_output_is_a_list_the_engine_reads(ds, target, tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "sel.csv.gz"
-    assert cli.main(["select", "--db", target, "--class", "Animal", "--subclasses", "--out", str(out)]) == 0
+    assert oi_synth.cli_main(["select", "--db", target, "--class", "Animal", "--subclasses", "--out", str(out)]) == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
     info = inputs.list_info(str(out))
     assert info.kind.value == "openimages" and tuple(info.columns) == LIST_COLUMNS
