@@ -182,7 +182,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         metavar="TARGET",
         help="annotations database (oidl-engine db import: SQLite path or postgresql:// URL): attach each image's "
         "boxes, labels, segmentations (with mask PNGs), relationships and points to its sample; with --format "
-        "files, writes <ImageID>.json beside each image",
+        "files, writes <ImageID>.json beside each image (and the web UI's gallery draws the boxes)",
     )
     g.add_argument("--metadata-dir", type=Path,
                    help="where the release's mask zips are (default: the annotations database's directory)")
@@ -190,18 +190,28 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     g = p.add_argument_group("processes")
     g.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
     g.add_argument("--fetchers", type=_positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
-    g.add_argument("--transfers", type=_positive(), default=FetchConfig.transfers, help="transfers in flight per fetcher")
+    g.add_argument(
+        "--transfers",
+        type=_positive(),
+        default=FetchConfig.transfers,
+        help="most transfers in flight per fetcher. No need to tune it: the fetcher keeps as many in flight as "
+        "keep the workers busy (measured download time x the workers' measured rate, with headroom), within "
+        "--ring-mb and the connection caps, and follows them as hosts or workers speed up or slow down; the "
+        "progress line shows the current target. Lower it only to be gentler on your own network",
+    )
     g.add_argument(
         "--ring-mb",
         type=_positive(),
-        default=256,
-        help="shared-memory ring per fetcher for bodies in flight, MiB. A transfer starts only when the ring can "
-        "hold its expected body (OriginalSize, else the mean so far), so this also caps transfers in flight: "
-        "raise it for large originals from slow hosts (about transfers x mean body size)",
+        default=RingConfig.fetch_slots * RingConfig.slot_bytes // (1024 * 1024),
+        help="most shared memory per fetcher for bodies in flight or waiting for workers, MiB. Only the part "
+        "the current transfer target needs is used (and given back when the target falls); this cap bounds "
+        "the target when bodies are large: a transfer starts only when the ring can hold its expected body "
+        "(OriginalSize, else the mean so far)",
     )
 
     g = p.add_argument_group("network")
-    g.add_argument("--max-connections", type=_positive(), default=FetchConfig.max_connections, help="total connections")
+    g.add_argument("--max-connections", type=_positive(), default=FetchConfig.max_connections,
+                   help="total connections, all hosts (a cap on the transfer target too)")
     g.add_argument(
         "--max-host-connections", type=_positive(), default=FetchConfig.max_host_connections, help="connections per host"
     )

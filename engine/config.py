@@ -21,10 +21,12 @@ USER_AGENT = f"oidl-engine/{__version__} (Open Images downloader; pycurl)"
 @dataclass(frozen=True)
 class FetchConfig:
     fetchers: int = 1
-    #: transfers in flight per fetcher process (libcurl multi handles thousands cheaply)
-    transfers: int = 256
-    #: connection caps across the whole run (split evenly over fetchers)
-    max_connections: int = 512
+    #: most transfers in flight per fetcher process; how many are used is found while running
+    #: (engine.autotune: as many as keep the workers busy). libcurl handles thousands cheaply.
+    transfers: int = 4096
+    #: connection caps across the whole run (split evenly over fetchers). The total is a cap, as
+    #: large as --transfers: the per-host cap is what keeps the run polite to each host.
+    max_connections: int = 4096
     max_host_connections: int = 16
     connect_timeout_s: float = 20.0
     #: a transfer slower than low_speed_bps for low_speed_time_s is aborted (stalled server)

@@ -32,6 +32,7 @@ from typing import Callable
 import psutil
 
 from .board import Board
+from .overlay import BoxLookup
 from .stats import F, Role, Stats, StatsLayout, reason_counts
 
 #: how often the monitor samples the stats for rates, charts and the UIs
@@ -57,6 +58,10 @@ class MonitorConfig:
     web_host: str = "127.0.0.1"
     web_port: int | None = None
     out_dir: Path = Path(".")
+    #: ``--annotations`` with ``--format files``: the gallery draws boxes (engine.overlay)
+    boxes: bool = False
+    #: (variant name, resize mode) of every variant: how boxes map into a gallery file
+    variant_modes: tuple[tuple[str, str], ...] = ()
     #: the run's process counts: every labelled metric has its series from the first scrape
     fetchers: int = 1
     workers: int = 1
@@ -125,8 +130,9 @@ class ProcessTable:
 class LiveData:
     """Reads the shared stats and board; keeps the history the rates and charts need."""
 
-    def __init__(self, stats: Stats, out_dir: Path) -> None:
+    def __init__(self, stats: Stats, out_dir: Path, boxes: BoxLookup | None = None) -> None:
         self.stats = stats
+        self.boxes = boxes
         self.layout = stats.layout
         self.board = Board.of(stats)
         self.out_dir = out_dir
@@ -202,6 +208,7 @@ class LiveData:
             "retries": tot(F.RETRIES),
             "transfers_done": tot(F.TRANSFERS_DONE),
             "downloads_in_progress": tot(F.DOWNLOADS_IN_PROGRESS),
+            "transfers_target": tot(F.TRANSFERS_TARGET),
             "resizes_in_progress": tot(F.RESIZES_IN_PROGRESS),
             "reasons": {r: n for r, n in reason_counts(m).items() if n},
             "queues": {"fetch": tot(F.PARKED), "worker": int(m[0, F.QUEUED_BODIES]),
@@ -213,6 +220,7 @@ class LiveData:
             "recent_ok": recent_ok,
             "recent_failed": self.board.read_finished(False),
             "point": self.history[-1],
+            "boxes": self.boxes is not None,
         }
         with self.lock:
             self.current = view
@@ -234,6 +242,16 @@ class LiveData:
             return None
         p = self.out_dir / rel
         return p if p.is_file() else None
+
+    def image_boxes(self, image_id: str) -> dict | None:
+        """The boxes of a recently written image, mapped into its gallery file; None if not on the board."""
+        with self.lock:
+            rel = self.gallery.get(image_id)
+        if not rel:
+            return None
+        if self.boxes is None:
+            return {"image_id": image_id, "boxes": [], "note": "the run has no --annotations"}
+        return self.boxes.boxes(image_id, rel)
 
 
 # -- the process ------------------------------------------------------------------------------
@@ -298,7 +316,8 @@ def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
             msg = conn.recv()
             if msg[0] == "attach":
                 stats = Stats.attach(msg[1], None)
-                holder.data = LiveData(stats, cfg.out_dir)
+                boxes = BoxLookup(cfg.out_dir, dict(cfg.variant_modes)) if cfg.boxes else None
+                holder.data = LiveData(stats, cfg.out_dir, boxes)
                 holder.data.sample()
                 break
             if msg[0] == "stop":
@@ -351,6 +370,8 @@ class Monitor:
             web_host=run.web_host,
             web_port=web_port,
             out_dir=run.output.out_dir,
+            boxes=run.output.annotations is not None and not run.output.sharded,
+            variant_modes=tuple((v.name, str(v.mode)) for v in run.pipeline.variants),
             fetchers=max(1, run.fetch.fetchers),  # as the supervisor starts them
             workers=max(1, run.workers),
         )
