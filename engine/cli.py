@@ -353,9 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules() -> list:
     """Subcommands that live in their own modules: each has ``COMMANDS``, ``register(sub)`` and ``run(args)``."""
-    from .meta import download
+    from .meta import download, export, select
 
-    return [download]
+    return [download, select, export]
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
