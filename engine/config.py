@@ -15,16 +15,21 @@ from . import __version__
 from .ring import RingConfig
 from .variants import PipelineConfig
 
+#: the default temporary directory under --out
+TMP_DIR_NAME = ".oidl-tmp"
+
 USER_AGENT = f"oidl-engine/{__version__} (Open Images downloader; pycurl)"
 
 
 @dataclass(frozen=True)
 class FetchConfig:
     fetchers: int = 1
-    #: transfers in flight per fetcher process (libcurl multi handles thousands cheaply)
-    transfers: int = 256
-    #: connection caps across the whole run (split evenly over fetchers)
-    max_connections: int = 512
+    #: most transfers in flight per fetcher process; how many are used is found while running
+    #: (engine.autotune: as many as keep the workers busy). libcurl handles thousands cheaply.
+    transfers: int = 4096
+    #: connection caps across the whole run (split evenly over fetchers). The total is a cap, as
+    #: large as --transfers: the per-host cap is what keeps the run polite to each host.
+    max_connections: int = 4096
     max_host_connections: int = 16
     connect_timeout_s: float = 20.0
     #: a transfer slower than low_speed_bps for low_speed_time_s is aborted (stalled server)
@@ -67,6 +72,9 @@ class OutputConfig:
     #: rows per state-DB transaction and the longest a finished row waits to be committed
     batch_rows: int = 256
     batch_s: float = 0.5
+    #: where temporary files go (None: OUT/.oidl-tmp); a run deletes it at start and end, so
+    #: several runs writing into one --out at once (the Ray shards) each need their own
+    tmp_path: Path | None = None
     #: files | webdataset | tfrecord | parquet (engine.sinks)
     format: str = "files"
     #: a shard group is cut at this many images or when one of its shards reaches shard_bytes
@@ -87,7 +95,7 @@ class OutputConfig:
     def tmp_dir(self) -> Path:
         # Temporary files live in one directory on the same filesystem, so a rename makes
         # them appear atomically and a new run can delete leftovers without walking the tree.
-        return self.out_dir / ".oidl-tmp"
+        return self.tmp_path if self.tmp_path is not None else self.out_dir / TMP_DIR_NAME
 
 
 @dataclass(frozen=True)

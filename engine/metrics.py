@@ -28,6 +28,12 @@ DOWNLOADED_BYTES = Metric("oidl_downloaded_bytes_total", "counter", "Body bytes 
 WRITTEN_BYTES = Metric("oidl_written_bytes_total", "counter", "Bytes written to files under --out.")
 FILES_WRITTEN = Metric("oidl_files_written_total", "counter", "Files written under --out (variants and originals).")
 DOWNLOADS_IN_PROGRESS = Metric("oidl_downloads_in_progress", "gauge", "Transfers in flight.")
+TRANSFERS_TARGET = Metric(
+    "oidl_transfers_target",
+    "gauge",
+    "Transfers the fetchers now aim to keep in flight: found while running from the measured download time and "
+    "the workers' rate (engine.autotune), capped by --transfers, --ring-mb and the connection caps.",
+)
 RESIZES_IN_PROGRESS = Metric("oidl_resizes_in_progress", "gauge", "Images being decoded/resized by workers.")
 RETRIES = Metric("oidl_retries_total", "counter", "Transfer attempts re-queued after a transient failure.")
 TRANSFERS = Metric("oidl_transfers_total", "counter", "Transfer attempts finished, any outcome.")
@@ -54,6 +60,13 @@ HEARTBEAT_AGE = Metric(
     "oidl_process_heartbeat_age_seconds", "gauge",
     "Seconds since a process last went round its loop (since the run started, before its first turn).", ("process",)
 )
+NODE_IMAGES = Metric(
+    "oidl_node_images_total",
+    "counter",
+    "Rows finished per machine, by status: each node of a --ray run as its driver records them (node = IP and "
+    "Ray node id), or this host (node = host name) on one machine.",
+    ("node", "status"),
+)
 START_TIME = Metric("oidl_start_time_seconds", "gauge", "Unix time the run started.")
 BUILD_INFO = Metric("oidl_build_info", "gauge", "Always 1; the engine version is the label.", ("version",))
 
@@ -66,6 +79,7 @@ ALL: tuple[Metric, ...] = (
     WRITTEN_BYTES,
     FILES_WRITTEN,
     DOWNLOADS_IN_PROGRESS,
+    TRANSFERS_TARGET,
     RESIZES_IN_PROGRESS,
     RETRIES,
     TRANSFERS,
@@ -75,6 +89,7 @@ ALL: tuple[Metric, ...] = (
     ROWS_WAITING,
     RING_SLOTS,
     RING_USED_SLOTS,
+    NODE_IMAGES,
     PROCESS_CPU,
     PROCESS_RSS,
     HEARTBEAT_AGE,

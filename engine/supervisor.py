@@ -195,6 +195,7 @@ class Supervisor:
             log.info("removed %d stale shared-memory segments", len(removed))
         state.init(out.db_path)
         self.db = state.connect(out.db_path)
+        state.record_run_option(self.db, "apply_rotation", "1" if cfg.pipeline.apply_rotation else "0")
         self.list_ids = []
         for path in cfg.lists:
             info = inputs.list_info(path)
