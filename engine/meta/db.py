@@ -1,20 +1,32 @@
 """Connections to the annotations database: a SQLite file or a ``postgresql://`` URL.
 
 ``connect(target)`` is the one entry point ``db import``, ``select``, ``export`` and the shard
-writers share. Queries are written once with ``?`` placeholders; :meth:`Database.execute`
-rewrites them to ``%s`` for psycopg. Bulk loading (``executemany`` for SQLite, ``COPY`` for
+writers (:class:`engine.sinks.annotations.AnnotationSource`) share. Queries are written once
+with ``?`` placeholders; :meth:`Database.execute` rewrites them to ``%s`` for psycopg.
+:meth:`Database.stream` streams a result (a server-side cursor on PostgreSQL, SQLite's own
+lazy cursor), so a query over millions of rows never sits in memory whole. Bulk loading (``executemany`` for SQLite, ``COPY`` for
 PostgreSQL) lives in :mod:`engine.meta.importer`.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import sqlite3
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from engine.meta import schema
+
+
+#: rows fetched per round trip from a server-side cursor
+_FETCH_ROWS = 5000
+#: placeholders per ``IN (...)`` list: under SQLite's historical limit of 999 host parameters
+IN_CHUNK = 500
+
+_cursor_names = itertools.count()
 
 
 class DatabaseError(Exception):
@@ -23,6 +35,17 @@ class DatabaseError(Exception):
 
 def is_postgres(target: str | Path) -> bool:
     return str(target).startswith(("postgresql://", "postgres://"))
+
+
+def placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _is_db_error(e: BaseException) -> bool:
+    if isinstance(e, sqlite3.Error):
+        return True
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(e, psycopg.Error)
 
 
 def describe(target: str | Path) -> str:
@@ -51,6 +74,28 @@ class Database:
 
     def query(self, text: str, params: Sequence[Any] = ()) -> list[tuple]:
         return list(self.execute(text, params).fetchall())
+
+    def stream(self, text: str, params: Sequence[Any] = ()) -> Iterator[tuple]:
+        """Stream the rows of one SELECT written with ``?`` placeholders, on either backend.
+
+        PostgreSQL rows come through a named (server-side) cursor, ``_FETCH_ROWS`` at a time: a
+        client-side cursor would hold the whole result in memory. A failure is one
+        :class:`DatabaseError` line for the user, never a driver traceback.
+        """
+        try:
+            if self.backend == "sqlite":
+                yield from self.conn.execute(text, tuple(params))
+                return
+            with self.conn.cursor(name=f"oidl_{next(_cursor_names)}") as cur:
+                cur.itersize = _FETCH_ROWS
+                cur.execute(text.replace("?", "%s"), tuple(params))
+                yield from cur
+        except Exception as e:  # noqa: BLE001 - sqlite3.Error or psycopg.Error: one message for the user
+            if not _is_db_error(e):
+                raise
+            raise DatabaseError(
+                f"query failed ({' '.join(str(e).split())}); is this an 'oidl-engine db import' database?"
+            ) from None
 
     def executemany(self, text: str, rows: Iterable[Sequence[Any]]) -> None:
         if self.backend == "sqlite":
@@ -133,12 +178,15 @@ _SQLITE_LOAD_PRAGMAS = ("PRAGMA journal_mode=DELETE", "PRAGMA synchronous=OFF")
 _SQLITE_PRAGMAS = ("PRAGMA cache_size=-32768", "PRAGMA temp_store=FILE")
 
 
-def connect(target: str | Path, *, create: bool = False) -> Database:
+def connect(target: str | Path, *, create: bool = False, readonly: bool = False) -> Database:
     """Open the database at ``target`` (a SQLite path or a ``postgresql://`` URL).
 
     ``create`` makes the schema (import does; readers open an existing database and get a
-    clear error when it is missing).
+    clear error when it is missing). ``readonly`` opens a SQLite file with ``mode=ro`` (select,
+    export and the shard writers never write, and may read a file they cannot write).
     """
+    if create and readonly:
+        raise ValueError("connect(): create and readonly exclude each other")
     if is_postgres(target):
         try:
             import psycopg
@@ -158,7 +206,11 @@ def connect(target: str | Path, *, create: bool = False) -> Database:
         try:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            if readonly:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            else:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             for p in _SQLITE_PRAGMAS + (_SQLITE_LOAD_PRAGMAS if create else ()):
                 conn.execute(p)
         except (sqlite3.Error, OSError) as e:

@@ -36,7 +36,7 @@ from ..layout import ORIGINAL
 from ..variants import Mode, spec_from_name
 from .geometry import Geometry, geometry_for, quarter_turns
 from .select import SelectError, add_class_options, class_names, exit_status, resolve_classes
-from .sql import Database, is_postgres_url, open_database, placeholders, stream
+from .db import Database, connect, is_postgres, placeholders
 
 FORMATS = ("yolo", "coco", "voc")
 #: written into every export: only a directory holding it is ever replaced by a new export
@@ -175,9 +175,9 @@ def iter_written(conn: sqlite3.Connection, variant: str) -> Iterator[_Written]:
 
 def categories(db: Database, names: Sequence[str], *, subclasses: bool) -> list[Category]:
     """The named classes (with their subclasses), else every boxable class, else every class with a box."""
-    by_mid = dict(stream(db, "SELECT mid, name FROM classes"))
+    by_mid = dict(db.stream("SELECT mid, name FROM classes"))
     parent_of: dict[str, str] = {}
-    for parent, child in stream(db, "SELECT parent, child FROM class_edges WHERE relation = 'subcategory' ORDER BY parent"):
+    for parent, child in db.stream("SELECT parent, child FROM class_edges WHERE relation = 'subcategory' ORDER BY parent"):
         parent_of.setdefault(child, parent)
     if names:
         mids: list[str] = []
@@ -185,9 +185,9 @@ def categories(db: Database, names: Sequence[str], *, subclasses: bool) -> list[
             below = sorted(req.mids - {req.mid}, key=lambda m: (by_mid.get(m) or m).casefold())
             mids += [m for m in (req.mid, *below) if m not in mids]
     else:
-        mids = [m for (m,) in stream(db, "SELECT mid FROM classes WHERE boxable = 1")]
+        mids = [m for (m,) in db.stream("SELECT mid FROM classes WHERE boxable = 1")]
         if not mids:
-            mids = [m for (m,) in stream(db, "SELECT DISTINCT mid FROM boxes")]
+            mids = [m for (m,) in db.stream("SELECT DISTINCT mid FROM boxes")]
         mids.sort(key=lambda m: ((by_mid.get(m) or m).casefold(), m))
     out = []
     for mid in mids:
@@ -462,13 +462,12 @@ def _annotations(
     db: Database, ids: Sequence[str], mids: dict[str, int], with_masks: bool
 ) -> tuple[dict[str, str], dict[str, list[tuple]], dict[str, list[tuple]]]:
     ph = placeholders(len(ids))
-    splits = dict(stream(db, f"SELECT image_id, split FROM images WHERE image_id IN ({ph})", ids))
+    splits = dict(db.stream(f"SELECT image_id, split FROM images WHERE image_id IN ({ph})", ids))
     boxes: dict[str, list[tuple]] = {}
     masks: dict[str, list[tuple]] = {}
     # the class filter is applied here, not in SQL: ids and MIDs together could pass the
     # backends' limit on parameters, and the image_id index already narrows to a few rows
-    for row in stream(
-        db,
+    for row in db.stream(
         "SELECT image_id, mid, x_min, x_max, y_min, y_max, is_group_of, is_occluded, is_truncated FROM boxes "
         f"WHERE image_id IN ({ph}) ORDER BY image_id, mid, x_min, y_min",
         ids,
@@ -476,8 +475,7 @@ def _annotations(
         if row[1] in mids:
             boxes.setdefault(row[0], []).append(row[1:])
     if with_masks:
-        for row in stream(
-            db,
+        for row in db.stream(
             "SELECT image_id, mid, box_x_min, box_x_max, box_y_min, box_y_max, mask_zip, mask_path FROM segmentations "
             f"WHERE image_id IN ({ph}) ORDER BY image_id, mask_path",
             ids,
@@ -711,11 +709,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     meta_dir = args.meta_dir
-    if meta_dir is None and not is_postgres_url(str(args.db)):
+    if meta_dir is None and not is_postgres(str(args.db)):
         meta_dir = Path(args.db).parent
 
     def body() -> int:
-        with open_database(args.db) as db:
+        with connect(args.db, readonly=True) as db:
             final, s = export(
                 db,
                 args.out,

@@ -27,7 +27,7 @@ from typing import IO, Callable, Iterable, Iterator, Sequence
 
 from ..cli import _positive
 from .schema import SPLITS
-from .sql import IN_CHUNK, Database, DatabaseError, open_database, placeholders, stream
+from .db import IN_CHUNK, Database, DatabaseError, connect, placeholders
 
 #: the 12 columns of a v4+ Open Images image list, in order, and their ``images`` columns
 LIST_COLUMNS = (
@@ -89,13 +89,13 @@ def resolve_classes(db: Database, names: Sequence[str], *, subclasses: bool) -> 
         raise SelectError("name at least one class with --class or --classes-file")
     by_mid: dict[str, str] = {}
     by_name: dict[str, list[str]] = {}
-    for mid, name in stream(db, "SELECT mid, name FROM classes"):
+    for mid, name in db.stream("SELECT mid, name FROM classes"):
         by_mid[mid] = name
         if name:
             by_name.setdefault(name.casefold(), []).append(mid)
     children: dict[str, list[str]] = {}
     if subclasses:
-        for parent, child in stream(db, "SELECT parent, child FROM class_edges WHERE relation = 'subcategory'"):
+        for parent, child in db.stream("SELECT parent, child FROM class_edges WHERE relation = 'subcategory'"):
             children.setdefault(parent, []).append(child)
     out: list[ClassRequest] = []
     seen: set[str] = set()
@@ -218,7 +218,7 @@ def _grouped(
     sql, params = _pairs_query(sorted(owners), f, wide=wide)
     need = len(requests)
     # rows are (image_id[, the other images columns], mid): every mid is one of ``owners``
-    for image_id, group in itertools.groupby(stream(db, sql, params), key=operator.itemgetter(0)):
+    for image_id, group in itertools.groupby(db.stream(sql, params), key=operator.itemgetter(0)):
         first = next(group)
         matched = set(owners[first[-1]])
         for r in group:
@@ -248,7 +248,7 @@ def with_rows(db: Database, matches: Iterable[Match], batch: int = IN_CHUNK) -> 
     it = iter(matches)
     while chunk := list(itertools.islice(it, batch)):
         ids = sorted({m.image_id for m in chunk})
-        rows = {r[0]: r for r in stream(db, f"SELECT {cols} FROM images WHERE image_id IN ({placeholders(len(ids))})", ids)}
+        rows = {r[0]: r for r in db.stream(f"SELECT {cols} FROM images WHERE image_id IN ({placeholders(len(ids))})", ids)}
         for m in chunk:
             if m.image_id in rows:
                 yield m, rows[m.image_id]
@@ -458,7 +458,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     def body() -> int:
-        with open_database(args.db) as db:
+        with connect(args.db, readonly=True) as db:
             requests = resolve_classes(db, class_names(args), subclasses=args.subclasses)
             rows = selected(db, requests, filters_from_args(args), match_all=args.match == "all", limit=args.limit,
                             seed=args.seed)

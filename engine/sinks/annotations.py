@@ -21,13 +21,13 @@ Public surface (also what the web UI uses to draw boxes)::
 
 from __future__ import annotations
 
-import sqlite3
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..meta import schema
+from ..meta.db import IN_CHUNK, DatabaseError, connect, describe, is_postgres, placeholders
 
 #: what each annotation table contributes, and the field that names its class(es)
 KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -42,8 +42,6 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 _DROP = ("image_id", "split")
 #: a mask PNG larger than this is not attached (Open Images masks are a few KB)
 MAX_MASK_BYTES = 16 * 1024 * 1024
-#: SQLite's host-parameter limit is 999 on old builds
-_CHUNK = 900
 
 
 class AnnotationsError(Exception):
@@ -82,41 +80,20 @@ class ImageAnnotations:
         return {k: getattr(self, k) for k in KINDS}
 
 
-def _is_url(target: str) -> bool:
-    return target.startswith(("postgresql://", "postgres://"))
-
-
-def connect(target: str | Path) -> tuple[Any, str]:
-    """(DB-API connection, parameter marker) for a SQLite path or a ``postgresql://`` URL."""
-    t = str(target)
-    if _is_url(t):
-        try:
-            import psycopg  # type: ignore[import-not-found]
-        except ImportError:
-            raise AnnotationsError("a postgresql:// annotations database needs psycopg: pip install 'psycopg[binary]'") from None
-        try:
-            return psycopg.connect(t, autocommit=True), "%s"
-        except Exception as e:  # psycopg.OperationalError and friends
-            raise AnnotationsError(f"cannot connect to {t.split('@')[-1]}: {e}") from None
-    p = Path(t)
-    if not p.is_file():
-        raise AnnotationsError(f"no annotations database at {p}")
-    try:
-        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
-        conn.execute("SELECT 1 FROM boxes LIMIT 1").fetchall()
-    except sqlite3.Error as e:
-        raise AnnotationsError(f"{p} is not an annotations database (oidl-engine db import): {e}") from None
-    return conn, "?"
-
-
 class AnnotationSource:
     """Batched per-image lookups against the annotations database (read only)."""
 
     def __init__(self, target: str | Path, metadata_dir: Path | None = None) -> None:
         self.target = str(target)
-        self.conn, self.mark = connect(target)
+        try:
+            self.db = connect(target, readonly=True)
+        except DatabaseError as e:
+            raise AnnotationsError(str(e)) from None
+        if self.db.backend == "postgres":
+            # this reader lives as long as the writer: no transaction left idle between batches
+            self.db.conn.autocommit = True
         # Mask zips are recorded relative to the metadata directory; by default the DB sits in it.
-        if metadata_dir is None and not _is_url(self.target):
+        if metadata_dir is None and not is_postgres(self.target):
             metadata_dir = Path(self.target).resolve().parent
         self.metadata_dir = metadata_dir.resolve() if metadata_dir is not None else None
         self._zips: dict[str, zipfile.ZipFile | None] = {}
@@ -124,14 +101,9 @@ class AnnotationSource:
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
         try:
-            cur = self.conn.cursor()
-            try:
-                cur.execute(sql, tuple(params))
-                return cur.fetchall()
-            finally:
-                cur.close()
+            return self.db.query(sql, params)
         except Exception as e:  # sqlite3.Error, psycopg.Error: one clear message, not a writer crash loop
-            raise AnnotationsError(f"query on {self.target.split('@')[-1]} failed: {e}") from None
+            raise AnnotationsError(f"query on {describe(self.target)} failed: {e}") from None
 
     def lookup(self, image_ids: Sequence[str]) -> dict[str, ImageAnnotations]:
         """Annotations of every image in ``image_ids`` (an entry for each, empty when none)."""
@@ -140,10 +112,9 @@ class AnnotationSource:
         for kind, (table, mids) in KINDS.items():
             cols = [c for c, _ in schema.BY_NAME[table].columns if c not in _DROP]
             select = ", ".join(["image_id", *cols])
-            for i in range(0, len(ids), _CHUNK):
-                chunk = ids[i : i + _CHUNK]
-                marks = ",".join([self.mark] * len(chunk))
-                for row in self._query(f"SELECT {select} FROM {table} WHERE image_id IN ({marks})", chunk):
+            for i in range(0, len(ids), IN_CHUNK):
+                chunk = ids[i : i + IN_CHUNK]
+                for row in self._query(f"SELECT {select} FROM {table} WHERE image_id IN ({placeholders(len(chunk))})", chunk):
                     rec = dict(zip(cols, row[1:]))
                     for m in mids:
                         rec[_name_col(m)] = self.names.get(rec[m]) if rec[m] is not None else None
@@ -195,6 +166,6 @@ class AnnotationSource:
                 zf.close()
         self._zips.clear()
         try:
-            self.conn.close()
+            self.db.close()
         except Exception:  # noqa: BLE001 - closing a broken connection must not mask the real error
             pass
