@@ -35,7 +35,7 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def _positive(kind: type = int):  # noqa: ANN202
+def positive(kind: type = int):  # noqa: ANN202
     def conv(text: str):  # noqa: ANN202
         try:
             v = kind(text)
@@ -102,7 +102,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         p.add_argument("--out", required=True, type=Path, help="output directory")
     g = p.add_argument_group("selection")
     g.add_argument("--subset", choices=("train", "validation", "test"), help="only rows of this subset")
-    g.add_argument("--limit", type=_positive(), help="stop after this many rows")
+    g.add_argument("--limit", type=positive(), help="stop after this many rows")
     g.add_argument(
         "--source",
         choices=("original", "thumbnail", "mirror"),
@@ -155,7 +155,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         action="store_true",
         help="apply the Open Images Rotation column (v4+) after EXIF orientation",
     )
-    g.add_argument("--max-pixels", type=_positive(), default=100_000_000, help="pixel cap (decompression bombs)")
+    g.add_argument("--max-pixels", type=positive(), default=100_000_000, help="pixel cap (decompression bombs)")
     g.add_argument(
         "--strict",
         action="store_true",
@@ -180,7 +180,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         "shards with the TF Object Detection API's keys; parquet: one row per image. Shards go to "
         "OUT/<variant>/NNNNN.<tar|tfrecord|parquet> (an _NNNNN.json index beside each), and appear only once complete",
     )
-    g.add_argument("--shard-size", type=_positive(), default=OutputConfig.shard_rows,
+    g.add_argument("--shard-size", type=positive(), default=OutputConfig.shard_rows,
                    help="images per shard (all variants are cut together)")
     g.add_argument("--shard-bytes", type=_byte_size, default="1G",
                    help="also cut when one shard reaches this size (e.g. 512M, 2G; 0: no limit)")
@@ -195,11 +195,11 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
                    help="where the release's mask zips are (default: the annotations database's directory)")
 
     g = p.add_argument_group("processes")
-    g.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
-    g.add_argument("--fetchers", type=_positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
+    g.add_argument("--procs", type=positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
+    g.add_argument("--fetchers", type=positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
     g.add_argument(
         "--transfers",
-        type=_positive(),
+        type=positive(),
         default=FetchConfig.transfers,
         help="most transfers in flight per fetcher. No need to tune it: the fetcher keeps as many in flight as "
         "keep the workers busy (measured download time x the workers' measured rate, with headroom), within "
@@ -208,7 +208,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     )
     g.add_argument(
         "--ring-mb",
-        type=_positive(),
+        type=positive(),
         default=RingConfig.fetch_slots * RingConfig.slot_bytes // (1024 * 1024),
         help="most shared memory per fetcher for bodies in flight or waiting for workers, MiB. Only the part "
         "the current transfer target needs is used (and given back when the target falls); this cap bounds "
@@ -217,24 +217,24 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     )
 
     g = p.add_argument_group("network")
-    g.add_argument("--max-connections", type=_positive(), default=FetchConfig.max_connections,
+    g.add_argument("--max-connections", type=positive(), default=FetchConfig.max_connections,
                    help="total connections, all hosts (a cap on the transfer target too)")
     g.add_argument(
-        "--max-host-connections", type=_positive(), default=FetchConfig.max_host_connections, help="connections per host"
+        "--max-host-connections", type=positive(), default=FetchConfig.max_host_connections, help="connections per host"
     )
-    g.add_argument("--connect-timeout", type=_positive(float), default=FetchConfig.connect_timeout_s, help="seconds")
+    g.add_argument("--connect-timeout", type=positive(float), default=FetchConfig.connect_timeout_s, help="seconds")
     g.add_argument(
         "--low-speed-time",
-        type=_positive(float),
+        type=positive(float),
         default=FetchConfig.low_speed_time_s,
         help="abort a transfer below --low-speed-limit for this many seconds (stalled server)",
     )
-    g.add_argument("--low-speed-limit", type=_positive(), default=FetchConfig.low_speed_bps, help="bytes/second")
-    g.add_argument("--timeout", type=_positive(float), default=FetchConfig.timeout_s, help="deadline of one attempt, s")
+    g.add_argument("--low-speed-limit", type=positive(), default=FetchConfig.low_speed_bps, help="bytes/second")
+    g.add_argument("--timeout", type=positive(float), default=FetchConfig.timeout_s, help="deadline of one attempt, s")
     g.add_argument("--max-redirects", type=_nonneg_int, default=FetchConfig.max_redirects, help="http/https redirects")
     g.add_argument("--max-retries", type=_nonneg_int, default=FetchConfig.max_retries, help="retries of transient failures")
-    g.add_argument("--retry-base", type=_positive(float), default=FetchConfig.retry_base_s, help="first retry delay, s")
-    g.add_argument("--max-bytes", type=_positive(), default=FetchConfig.max_body_bytes, help="body size cap, bytes")
+    g.add_argument("--retry-base", type=positive(float), default=FetchConfig.retry_base_s, help="first retry delay, s")
+    g.add_argument("--max-bytes", type=positive(), default=FetchConfig.max_body_bytes, help="body size cap, bytes")
     g.add_argument("--user-agent", default=FetchConfig.user_agent, help="User-Agent header")
     g.add_argument(
         "--resolve",
@@ -274,7 +274,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     )
     g.add_argument(
         "--ray-shard-rows",
-        type=_positive(),
+        type=positive(),
         default=5000,
         metavar="N",
         help="rows per shard (one Ray task): larger shards start the engine less often, smaller ones redo "
@@ -327,10 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Open Images-format list pointing at them, and run the engine on it. No internet needed.",
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
-    demo.add_argument("-n", "--images", type=_positive(), default=200, help="number of images")
+    demo.add_argument("-n", "--images", type=positive(), default=200, help="number of images")
     demo.add_argument("--broken", type=_nonneg_int, default=6, help="how many of them are broken")
     demo.add_argument("--sizes", default="256,512", help="variants to make")
-    demo.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="worker processes")
+    demo.add_argument("--procs", type=positive(), default=os.cpu_count() or 1, help="worker processes")
     demo.add_argument("--ui", choices=("auto", "plain", "tui", "web", "none"), default="auto", help="progress display")
     demo.add_argument("--metrics-port", type=_nonneg_int, help="serve Prometheus metrics on this port")
     demo.add_argument("--web-port", type=_nonneg_int, help="serve the live web UI on this port")

@@ -31,6 +31,12 @@ def human_duration(s: float) -> str:
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
+def clock(seconds: float) -> str:
+    """H:MM:SS, for an ETA on a progress line (``db download``, ``db import``)."""
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Rates:
     """Rates over a sliding window of stats snapshots."""
 

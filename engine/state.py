@@ -11,11 +11,16 @@ The schema is documented in the README; change both together.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
+
+from .inputs import ListBroken
+
+log = logging.getLogger("oidl")
 
 SCHEMA_VERSION = 3  # 2: lists.error_reason, error_line, error_detail; 3: outputs.shard_offset, shards
 
@@ -185,6 +190,15 @@ def list_broken(conn: sqlite3.Connection, list_id: int, reason: str, line: int, 
             "UPDATE lists SET error_reason=?, error_line=?, error_detail=? WHERE list_id=?",
             (reason, line, detail, list_id),
         )
+
+
+def record_broken_list(conn: sqlite3.Connection, list_id: int, e: ListBroken, broken_lists: list[str]) -> None:
+    """A list that breaks part-way (the supervisor's and the Ray driver's ``on_broken``): its rows
+    so far are done, the next list is read; logged, kept for the summary, recorded in the DB."""
+    text = f"{e.path}: unreadable after line {e.line}: {e.reason} ({e.detail})"
+    log.error("%s; the rows before it are processed, the rest of that list is not", text)
+    broken_lists.append(text)
+    list_broken(conn, list_id, e.reason.value, e.line, e.detail)
 
 
 def finished_ids(conn: sqlite3.Connection, ids: Sequence[str], *, include_failed: bool) -> set[str]:

@@ -363,10 +363,7 @@ class RayDriver:
 
     def _list_broken(self, e: inputs.ListBroken) -> None:
         """A list that breaks part-way: its rows so far are done, the next list is read (as on one host)."""
-        text = f"{e.path}: unreadable after line {e.line}: {e.reason} ({e.detail})"
-        log.error("%s; the rows before it are processed, the rest of that list is not", text)
-        self.broken_lists.append(text)
-        state.list_broken(self.db, self.list_ids[e.list_index], e.reason.value, e.line, e.detail)
+        state.record_broken_list(self.db, self.list_ids[e.list_index], e, self.broken_lists)
 
     def _next_shard(self) -> Shard | None:
         rows: list[ShardRow] = []

@@ -36,6 +36,7 @@ import pycurl
 
 from engine import __version__
 from engine.errors import RETRYABLE, Reason, reason_for_curl, reason_for_status
+from engine.report import clock
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/openimages/"
 
@@ -714,11 +715,6 @@ def _human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _eta(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 @dataclass
 class _PlainProgress:
     """Without a TTY: one line every ``interval_s`` (logs stay readable)."""
@@ -746,7 +742,7 @@ class _PlainProgress:
             line += f" / {_human(total)} ({100 * done / total:.1f}%)"
         line += f"  {_human(rate)}/s"
         if total and rate > 0:
-            line += f"  ETA {_eta((total - done) / rate)}"
+            line += f"  ETA {clock((total - done) / rate)}"
         print(line, file=sys.stderr, flush=True)
 
 

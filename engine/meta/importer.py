@@ -32,7 +32,7 @@ from pathlib import Path
 
 from engine.meta import schema
 from engine.meta.db import Database, DatabaseError, connect, describe, is_postgres
-from engine.meta.download import _eta
+from engine.report import clock
 
 #: what ``--only`` accepts
 KINDS = ("classes", "images", "labels", "boxes", "segmentations", "relationships", "points", "narratives")
@@ -927,7 +927,7 @@ class _Display:
                     rate = progress.rows / dt
                     frac = progress.done_bytes / size if size else 0
                     frac = min(frac, 1.0)
-                    eta = _eta(dt / frac - dt) if frac > 0 else "?"
+                    eta = clock(dt / frac - dt) if frac > 0 else "?"
                     print(
                         f"{src.relpath}: {progress.rows:,} rows ({100 * frac:.0f}%), {rate:,.0f} rows/s, ETA {eta}",
                         file=sys.stderr, flush=True,

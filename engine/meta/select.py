@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Sequence
 
-from ..cli import _positive
+from ..cli import positive
 from .schema import SPLITS
 from .db import IN_CHUNK, Database, DatabaseError, connect, placeholders
 
@@ -417,7 +417,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--exclude-truncated", action="store_true", help="objects cut by the image border (IsTruncated)")
     p.add_argument(
         "--limit",
-        type=_positive(),
+        type=positive(),
         help="at most N images: a reproducible random sample (--seed); with several classes, images showing more "
         "of them come first",
     )
