@@ -15,7 +15,7 @@ from typing import Sequence
 
 import pyvips
 
-from engine.meta import schema
+from oi_synth import create_indexes, create_tables
 
 CLASSES = [("/m/01g317", "Person"), ("/m/0199g", "Bicycle"), ("/m/0k4j", "Car"), ("/m/01yrx", "Cat"),
            ("/m/0bt9lr", "Dog"), ("/m/083wq", "Wheel")]
@@ -31,10 +31,8 @@ def make_db(meta_dir: Path, image_ids: Sequence[str], *, seed: int = 3) -> Path:
     meta_dir.mkdir(parents=True, exist_ok=True)
     db = meta_dir / "annotations.sqlite"
     conn = sqlite3.connect(db)
-    for t in schema.TABLES:
-        conn.execute(schema.create_table_sql(t, "sqlite"))
-        for stmt in schema.index_sql(t):
-            conn.execute(stmt)
+    create_tables(conn, "sqlite")
+    create_indexes(conn)
     rng = random.Random(seed)
     conn.executemany("INSERT INTO classes(mid, name, boxable) VALUES (?,?,1)", CLASSES)
     (meta_dir / "masks").mkdir(exist_ok=True)

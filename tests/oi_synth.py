@@ -135,19 +135,29 @@ def load_postgres(conn, ds: Dataset) -> None:  # noqa: ANN001
         _load(conn, ds, "postgres", "%s")
 
 
-def _load(conn, ds: Dataset, backend: str, mark: str) -> None:  # noqa: ANN001
-    cur = conn.cursor()
+def create_tables(cur, backend: str) -> None:  # noqa: ANN001
+    """Every table of the schema, empty (dropped first: a test's PostgreSQL database is reused)."""
     for table in schema.TABLES:
         cur.execute(f"DROP TABLE IF EXISTS {table.name}")
         cur.execute(schema.create_table_sql(table, backend))
+
+
+def create_indexes(cur) -> None:  # noqa: ANN001
+    for table in schema.TABLES:
+        for sql in schema.index_sql(table):
+            cur.execute(sql)
+
+
+def _load(conn, ds: Dataset, backend: str, mark: str) -> None:  # noqa: ANN001
+    cur = conn.cursor()
+    create_tables(cur, backend)
     for name, rows in ds.rows().items():
         table = schema.BY_NAME[name]
         if rows:
             # the leading columns: the schema may grow columns (import bookkeeping) that stay NULL here
             cols = table.column_names[: len(rows[0])]
             cur.executemany(f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})", rows)
-        for sql in schema.index_sql(table):
-            cur.execute(sql)
+    create_indexes(cur)
 
 
 # -- brute force ----------------------------------------------------------------------------
