@@ -41,7 +41,6 @@ from .db import Database, connect, is_postgres, placeholders
 FORMATS = ("yolo", "coco", "voc")
 #: written into every export: only a directory holding it is ever replaced by a new export
 MARKER = ".oidl-export.json"
-EXIT_USAGE = 2
 #: images per annotations query
 _BATCH = 500
 #: FiftyOne's threshold for the Open Images mask PNGs (gray > 122 is the object)

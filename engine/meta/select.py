@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Sequence
 
-from ..cli import positive
+from ..cli import EXIT_USAGE, positive
 from .schema import SPLITS
 from .db import IN_CHUNK, Database, DatabaseError, connect, placeholders
 
@@ -40,7 +40,6 @@ IMAGE_COLUMNS = (
 )
 LABEL_TYPES = ("boxes", "labels", "machine-labels", "segmentations", "relationships", "points")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation"}
-EXIT_USAGE = 2
 
 
 class SelectError(Exception):
