@@ -139,7 +139,16 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
 
     g = p.add_argument_group("processes")
     g.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
-    g.add_argument("--fetchers", type=_positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
+    g.add_argument(
+        "--cells",
+        type=_positive(),
+        help="routing cells: each a supervisor with its own fetchers, workers and writer, taking the rows whose "
+        "ImageID hashes to it, so nothing per image runs in a single process. Default: one per 4 --procs "
+        "(never more than --max-host-connections, whose share each cell gets)",
+    )
+    g.add_argument(
+        "--fetchers", type=_positive(), default=1, help="fetcher processes per cell (one drives thousands of transfers)"
+    )
     g.add_argument("--transfers", type=_positive(), default=FetchConfig.transfers, help="transfers in flight per fetcher")
     g.add_argument(
         "--ring-mb",
@@ -308,6 +317,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         ),
         ring=RingConfig(slot_bytes=slot_bytes, fetch_slots=ring_slots),
         workers=a.procs,
+        cells=a.cells,
         subset=a.subset,
         limit=a.limit,
         retry_failed=a.retry_failed,
@@ -321,9 +331,10 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
 
 def run_engine(cfg: RunConfig) -> int:
     """Run with the configured UI; returns the exit code."""
+    from .cells import make_run
     from .inputs import ListError
     from .report import PlainReporter, summary_text
-    from .supervisor import RunError, Supervisor
+    from .supervisor import RunError
 
     from .monitor import Monitor, MonitorError
 
@@ -331,13 +342,13 @@ def run_engine(cfg: RunConfig) -> int:
     # TUI, web UI and exporter run in their own process, out of the supervisor's way.
     monitor = Monitor.for_run(cfg)
 
-    def tick(sup: Supervisor) -> None:
+    def tick(sup) -> None:  # noqa: ANN001 - a Supervisor or a CellRun: both have .stats
         if reporter is not None:
             reporter.tick(sup.stats)
         if monitor is not None:
             monitor.attach(sup.stats.layout)
 
-    sup = Supervisor(cfg, on_tick=tick)
+    sup = make_run(cfg, on_tick=tick)
     try:
         if monitor is not None:
             try:

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from . import metrics as M
-from .monitor import proc_name
+from .monitor import child_rows, proc_name
 from .stats import HIST_BUCKETS_S, HIST_DOWNLOAD_BASE, HIST_PROCESS_BASE, F, histogram, reason_counts
 
 
@@ -90,8 +90,9 @@ class EngineCollector(Collector):
             yield h
         g = _gauge(M.ROWS_WAITING)
         g.add_metric(["fetch"], tot(F.PARKED))
-        g.add_metric(["worker"], int(m[0, F.QUEUED_BODIES]))
-        g.add_metric(["writer"], int(m[0, F.QUEUED_WRITES]))
+        cells = data.layout.cells
+        g.add_metric(["worker"], int(m[:cells, F.QUEUED_BODIES].sum()))
+        g.add_metric(["writer"], int(m[:cells, F.QUEUED_WRITES].sum()))
         yield g
         view = data.view()
         slots, used = _gauge(M.RING_SLOTS), _gauge(M.RING_USED_SLOTS)
@@ -108,12 +109,12 @@ class EngineCollector(Collector):
         yield rss
         hb = _gauge(M.HEARTBEAT_AGE)
         now_ms = time.monotonic() * 1000
-        for row in range(1, data.layout.rows):
+        for row in child_rows(data.layout):
             beat = int(m[row, F.HEARTBEAT_MS])
             if beat > 0:
                 hb.add_metric([proc_name(data.layout, row)], max(0.0, (now_ms - beat) / 1000))
         beat = int(m[0, F.HEARTBEAT_MS])
-        if beat > 0:
+        if beat > 0 and data.layout.cells == 1:
             hb.add_metric(["supervisor"], max(0.0, (now_ms - beat) / 1000))
         yield hb
         g = _gauge(M.START_TIME)

@@ -65,7 +65,17 @@ class MonitorConfig:
 
 def proc_name(layout: StatsLayout, row: int) -> str:
     role, idx = layout.role_of(row)
-    return role.value if role in (Role.SUPERVISOR, Role.WRITER) else f"{role.value}-{idx}"
+    if role in (Role.SUPERVISOR, Role.WRITER):
+        if layout.cells == 1:
+            return role.value
+        # with routing cells, "supervisor" is the thin parent; each cell's supervisor is "cell-k"
+        return f"cell-{idx}" if role is Role.SUPERVISOR else f"writer-{idx}"
+    return f"{role.value}-{idx}"
+
+
+def child_rows(layout: StatsLayout) -> range:
+    """Rows of processes other than the main one (which the monitor knows as its parent)."""
+    return range(1 if layout.cells == 1 else 0, layout.rows)
 
 
 class ProcessTable:
@@ -78,7 +88,7 @@ class ProcessTable:
 
     def pids(self, m) -> dict[str, int]:  # noqa: ANN001 - the stats matrix
         out = {"supervisor": os.getppid(), "monitor": os.getpid()}
-        for row in range(1, self.layout.rows):
+        for row in child_rows(self.layout):
             pid = int(m[row, F.PID])
             if pid > 0:
                 out[proc_name(self.layout, row)] = pid
@@ -161,7 +171,7 @@ class LiveData:
         eta = (todo - done) / eta_ips if todo is not None and eta_ips > 0 else None
         rings = []
         lay = self.layout
-        for row in range(2, lay.rows):
+        for row in range(2 * lay.cells, lay.rows):
             owned = int(m[row, F.OWNED_SLOTS])
             if owned > 0:
                 role, _ = lay.role_of(row)
@@ -197,8 +207,8 @@ class LiveData:
             "downloads_in_progress": tot(F.DOWNLOADS_IN_PROGRESS),
             "resizes_in_progress": tot(F.RESIZES_IN_PROGRESS),
             "reasons": {r: n for r, n in reason_counts(m).items() if n},
-            "queues": {"fetch": tot(F.PARKED), "worker": int(m[0, F.QUEUED_BODIES]),
-                       "writer": int(m[0, F.QUEUED_WRITES])},
+            "queues": {"fetch": tot(F.PARKED), "worker": int(m[: lay.cells, F.QUEUED_BODIES].sum()),
+                       "writer": int(m[: lay.cells, F.QUEUED_WRITES].sum())},
             "rings": rings,
             "processes": self.procs.sample(m),
             "transfers": transfers[:100],

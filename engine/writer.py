@@ -41,7 +41,7 @@ class WriteRecord(NamedTuple):
 
 
 class Writer:
-    def __init__(self, conn: Connection, cfg: OutputConfig, slab: Slab, stats: Stats) -> None:
+    def __init__(self, conn: Connection, cfg: OutputConfig, slab: Slab, stats: Stats, index: int = 0) -> None:
         self.conn = conn
         self.cfg = cfg
         self.slab = slab
@@ -52,7 +52,7 @@ class Writer:
         self.db = state.connect(cfg.db_path)
         self.made_dirs: set[str] = set()
         self.counter = 0
-        self.board = Board.of(stats).writer()
+        self.board = Board.of(stats).writer(index)
 
     def _write_file(self, rel: str, ref: OutputRef) -> int:
         parent = os.path.dirname(rel)
@@ -138,10 +138,13 @@ class Writer:
             self.stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
 
 
-def writer_main(conn: Connection, cfg: OutputConfig, slab_name: str, slot_bytes: int, layout: StatsLayout) -> None:
-    with pipeline_child("writer", slab_name, slot_bytes, layout, Role.WRITER) as (slab, stats):
+def writer_main(
+    conn: Connection, cfg: OutputConfig, slab_name: str, slot_bytes: int, layout: StatsLayout, index: int = 0
+) -> None:
+    name = "writer" if layout.cells == 1 else f"writer-{index}"
+    with pipeline_child(name, slab_name, slot_bytes, layout, Role.WRITER, index) as (slab, stats):
         try:
-            Writer(conn, cfg, slab, stats).run()
+            Writer(conn, cfg, slab, stats, index).run()
         except (EOFError, BrokenPipeError):
             pass  # the supervisor is gone
         except OSError as e:
