@@ -220,7 +220,7 @@ class CellRun:
             self._signal_cells()
             return
         log.warning("cell %d died (exit code %s); restarting it", k, c.proc.exitcode)
-        self._forget_segments()
+        self._forget_segments(c.proc.pid)
         c.conn.close()
         restarts = c.restarts
         new = self._start_cell(replace(c.spec, restarted=True))
@@ -228,10 +228,10 @@ class CellRun:
         self.cells[k] = new
 
     @staticmethod
-    def _forget_segments() -> None:
+    def _forget_segments(pid: int) -> None:
         """Unlink the slab of a cell that died (named after its pid), and tell the resource
         tracker all processes share, so it does not warn about it at the end."""
-        for name in remove_stale_segments():
+        for name in remove_stale_segments(creator=pid):
             try:
                 resource_tracker.unregister("/" + name, "shared_memory")
             except Exception:  # noqa: BLE001 - only a warning at exit is at stake
@@ -251,7 +251,8 @@ class CellRun:
                 c.proc.kill()
                 c.proc.join(2.0)
             c.conn.close()
-        self._forget_segments()
+            if c.proc.exitcode != 0 and c.proc.pid is not None:
+                self._forget_segments(c.proc.pid)
         shutil.rmtree(self.cfg.output.tmp_dir, ignore_errors=True)
 
 

@@ -172,11 +172,16 @@ def slots_needed(nbytes: int, slot_bytes: int) -> int:
     return max(1, -(-nbytes // slot_bytes))
 
 
-def remove_stale_segments(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+def remove_stale_segments(
+    shm_dir: Path = Path("/dev/shm"), keep: Iterable[str] = (), creator: int | None = None
+) -> list[str]:
     """Unlink segments left by a supervisor that died without cleaning up (SIGKILL).
 
-    Segment names carry the creating pid; a segment whose creator is gone is ours to remove.
+    Segment names carry the creating pid; a segment whose creator is gone is ours to remove
+    (and one named after this very process is a leftover of an earlier life of the pid,
+    unless it is in ``keep``). With ``creator``, only that dead process's segments.
     """
+    keep = set(keep)
     removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
@@ -184,9 +189,11 @@ def remove_stale_segments(shm_dir: Path = Path("/dev/shm")) -> list[str]:
         return removed
     for name in names:
         m = _SEGMENT_RE.match(name)
-        if not m:
+        if not m or name in keep:
             continue
         pid = int(m.group(1))
+        if creator is not None and pid != creator:
+            continue
         if pid != os.getpid() and _pid_alive(pid):
             continue
         try:
