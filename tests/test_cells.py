@@ -114,7 +114,7 @@ def test_graceful_sigint_then_resume_with_cells(tmp_path: Path, corpus, server) 
     done = sqlite3.connect(out / "oidl.sqlite").execute("SELECT COUNT(*) FROM images").fetchone()[0]
     assert 0 < done < len(items)
     os.replace(write_list(tmp_path / "fast.csv", items, server.base_url), lst)
-    p = run_cli([*CELLS, lst, "--out", out], check=True)
+    p = run_cli([*CELLS, "--ui", "plain", lst, "--out", out], check=True)
     assert f"{done} already done" in p.stderr
     assert_complete(out, items)
     assert not engine_processes()
@@ -123,11 +123,12 @@ def test_graceful_sigint_then_resume_with_cells(tmp_path: Path, corpus, server) 
 @pytest.mark.parametrize("cap", [3])
 def test_per_host_cap_holds_across_cells(tmp_path: Path, corpus, server, cap: int) -> None:
     _, items = corpus
+    items = items[:24]
     lst = write_list(tmp_path / "images.csv", items, server.base_url, rate="600000")
     out = tmp_path / "out"
     server.reset_stats()
-    # 3 cells of 2 workers, 64 transfers each: without the division each would open 3 connections
-    run_cli([*RUN, "--procs", "6", "--cells", "3", "--transfers", "64", "--max-host-connections", str(cap),
+    # 3 cells, 64 transfers each: without the division each would open `cap` connections
+    run_cli([*RUN, "--procs", "3", "--cells", "3", "--transfers", "64", "--max-host-connections", str(cap),
              lst, "--out", out], check=True, timeout_s=180)
     per_host = server.stats()["max_concurrent_by_host"]
     assert per_host and max(per_host.values()) <= cap, per_host
