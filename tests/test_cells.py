@@ -133,3 +133,53 @@ def test_per_host_cap_holds_across_cells(tmp_path: Path, corpus, server, cap: in
     per_host = server.stats()["max_concurrent_by_host"]
     assert per_host and max(per_host.values()) <= cap, per_host
     assert_complete(out, items)
+
+
+def test_sigkill_main_takes_every_cell_and_segment_with_it(tmp_path: Path, corpus, server) -> None:
+    _, items = corpus
+    lst, out, proc = _slow(tmp_path, items, server, 400_000, [])
+    try:
+        _wait_rows(out, proc, 3)
+        tree = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(child_pids(proc.pid, "oidl-cell")) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert wait_gone(tree) == [], "orphans after SIGKILL of the main process"
+    finally:
+        kill_tree_on_failure(proc)
+    # every segment of the run is named after the process that made it (main or a cell)
+    made = {f"oidl-{pid}-" for pid in (proc.pid, *tree)}
+    deadline = time.monotonic() + 10  # the resource tracker unlinks once the last holder is gone
+    while time.monotonic() < deadline and [n for n in shm_segments() if n[: n.rindex("-") + 1] in made]:
+        time.sleep(0.2)
+    assert not [n for n in shm_segments() if n[: n.rindex("-") + 1] in made]
+    os.replace(write_list(tmp_path / "fast.csv", items, server.base_url), lst)
+    run_cli([*CELLS, lst, "--out", out], check=True)
+    assert_complete(out, items)
+    assert not engine_processes()
+
+
+def test_metrics_show_the_whole_run_across_cells(tmp_path: Path, corpus, server) -> None:
+    import urllib.request
+
+    from obs_run import start_run
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, items = corpus
+    run = start_run(tmp_path, items, server, ["--metrics-port", "0", "--ui", "none", "--cells", "2"], ["metrics"],
+                    rate_bps=400_000)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            text = urllib.request.urlopen(run.urls["metrics"], timeout=5).read().decode()
+            fams = {f.name: f for f in text_string_to_metric_families(text)}
+            vals = {s.name + str(sorted(s.labels.items())): s.value for f in fams.values() for s in f.samples}
+            if vals.get("oidl_images_total[('status', 'ok')]", 0) >= 10:
+                break
+            time.sleep(0.5)
+        assert vals["oidl_images_expected[]"] == len(items)
+        assert vals["oidl_images_total[('status', 'ok')]"] >= 10
+        procs = {s.labels["process"] for s in fams["oidl_process_cpu_seconds"].samples}
+        assert {"supervisor", "cell-0", "cell-1", "writer-0", "writer-1", "fetcher-0", "fetcher-1"} <= procs, procs
+    finally:
+        assert run.stop() in (0, 130)
