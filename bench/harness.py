@@ -92,7 +92,7 @@ class BenchConfig:
             big_list_run_s=30.0,
             big_list_after_first_s=2.0,
             fetch_images=120,
-            scale_images=48,
+            scale_images=160,
             scale_procs=(2, 5),  # two cells: the structure, not the scale, is what a smoke run checks
             ceiling_sample=24,
             img2dataset=img2dataset,
@@ -422,9 +422,10 @@ def scenario_scale_out(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> 
 
     items = corpus.items[: cfg.scale_images]
     list_path = cfg.work_dir / "lists" / "scale-out.csv"
-    write_list(list_path, items, server.url)
+    # a smoke corpus is smaller than the list: its files come round again under fresh ImageIDs
+    write_list(list_path, items, server.url, n=cfg.scale_images)
     warm_page_cache([corpus.root / i.relpath for i in items])
-    result: dict[str, Any] = {"images": len(items), "sizes": [256], "procs": list(cfg.scale_procs), "runs": {}}
+    result: dict[str, Any] = {"images": cfg.scale_images, "sizes": [256], "procs": list(cfg.scale_procs), "runs": {}}
     for procs in cfg.scale_procs:
         eng, _ = run_engine(
             replace(cfg, procs=procs),
