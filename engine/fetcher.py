@@ -46,9 +46,10 @@ _CURLE_RANGE_ERROR = 33
 _PLACEHOLDER_MARK = "photo_unavailable"
 #: longest a fetcher sleeps in epoll before looking at its pipe and timers again
 _MAX_WAIT_S = 0.2
-#: libcurl's receive buffer per transfer (default 16 KiB): a 275 KB body arrives in a few
-#: write callbacks instead of ~20, each a Python call and a slab write. Only the part a
-#: read fills is touched, so idle transfers cost address space, not memory.
+#: libcurl's receive buffer per transfer (default 16 KiB): when the fetcher falls behind,
+#: one read (one write callback: a Python call and a slab write) takes everything that piled
+#: up on the socket instead of 16 KiB of it. A fetcher that keeps up still sees the ~16 KB
+#: reads the sender's pace gives. Only the part a read fills is touched.
 _RECV_BUFFER_BYTES = 256 * 1024
 #: what the state DB records as the MD5 of a body that was not kept (failed transfers)
 _EMPTY_MD5 = hashlib.md5(b"").hexdigest()
