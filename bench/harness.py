@@ -92,7 +92,7 @@ class BenchConfig:
             big_list_run_s=30.0,
             big_list_after_first_s=2.0,
             fetch_images=120,
-            scale_images=160,
+            scale_images=96,
             scale_procs=(2, 5),  # two cells: the structure, not the scale, is what a smoke run checks
             ceiling_sample=24,
             img2dataset=img2dataset,
