@@ -89,13 +89,19 @@ class Slab:
     def write(self, slots: Sequence[int], data: bytes | memoryview, offset: int = 0) -> None:
         """Write ``data`` at byte ``offset`` of the body spread over ``slots``."""
         sb = self.slot_bytes
-        pos = 0
         n = len(data)
+        i, o = divmod(offset, sb)
+        if o + n <= sb:  # the common case (a write callback's chunk inside one slot): one copy
+            base = slots[i] * sb + o
+            self.buf[base : base + n] = data
+            return
+        view = memoryview(data)  # slicing bytes would copy every piece once more
+        pos = 0
         while pos < n:
             i, o = divmod(offset + pos, sb)
             take = min(sb - o, n - pos)
             base = slots[i] * sb + o
-            self.buf[base : base + take] = data[pos : pos + take]
+            self.buf[base : base + take] = view[pos : pos + take]
             pos += take
 
     def read(self, slots: Sequence[int], nbytes: int) -> bytes:
