@@ -1,6 +1,8 @@
-"""Step 1 and the glue of the data flow: the supervisor (the main process).
+"""Step 1 and the glue of the data flow: the supervisor (the main process, or one routing
+cell of a run split into several: see :mod:`engine.cells`).
 
-It streams the lists, skips rows the state DB says are finished, hands rows to fetchers,
+It streams the lists (a cell keeps the rows whose ImageID hashes to it), skips rows the
+state DB says are finished, hands rows to fetchers,
 routes bodies to workers and finished rows to the writer, and gives slots back to their
 owners once the writer has committed. Every message passes through here, which is what
 makes crashes recoverable: the supervisor always knows which row and which slots each child
@@ -11,7 +13,8 @@ holds, so
   that kills two workers fails as ``worker_crash``);
 - the writer that dies: its unacknowledged rows are sent again to its replacement;
 - the supervisor that dies (even SIGKILL): the kernel kills the children (PDEATHSIG), the
-  resource tracker unlinks the segments, and the next run redoes the unfinished rows.
+  resource tracker unlinks the segments, and the next run redoes the unfinished rows (a
+  cell that dies is started again by its parent, which redoes them at once).
 
 Messages are small tuples of ints and strings; image bytes never go through a pipe.
 """
