@@ -450,7 +450,7 @@ class Supervisor:
             detail=detail,
             url=info.url if info else r.url,
             nbytes=r.body[1] if r.body else None,
-            md5=r.md5 or (info.md5_hex if info else None),
+            md5=r.md5 or (info.md5_hex if info and info.md5_hex else None),  # a body's: the worker's
             width=d.width if d else None,
             height=d.height if d else None,
             format=d.format if d else None,
