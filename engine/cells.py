@@ -115,6 +115,9 @@ class CellRun:
         self.cells: list[_Cell] = []
         self.stop_signals = 0
         self.fatal: str | None = None
+        # every cell reads every list, so each meets the same break: reported once
+        self.broken_lists: dict[str, None] = {}
+        self.counter: mp.process.BaseProcess | None = None
 
     def _handle_signal(self, signum: int, frame: object) -> None:
         self.stop_signals += 1
@@ -158,9 +161,8 @@ class CellRun:
         self.layout = self.stats.layout
         old_int = signal.signal(signal.SIGINT, self._handle_signal)
         old_term = signal.signal(signal.SIGTERM, self._handle_signal)
-        counter = None
         try:
-            counter = start_counter(self.ctx, cfg, self.layout)
+            self.counter = start_counter(self.ctx, cfg, self.layout)
             for k in range(self.n):
                 spec = CellSpec(k, self.n, self.layout, sum(nf[:k]), sum(nw[:k]), tuple(list_ids))
                 self.cells.append(self._start_cell(spec))
@@ -168,7 +170,7 @@ class CellRun:
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
-            self._shutdown(counter)
+            self._shutdown(self.counter)
         m = self.stats.snapshot()
         self.stats.close()
         summary = RunSummary(
@@ -178,6 +180,7 @@ class CellRun:
             reasons={r: n for r, n in reason_counts(m).items() if n},
             elapsed_s=time.monotonic() - t0,
             interrupted=self.stop_signals > 0,
+            broken_lists=tuple(self.broken_lists),
         )
         if self.fatal:
             raise RunError(self.fatal)
@@ -194,6 +197,8 @@ class CellRun:
                         msg = c.conn.recv()
                     except (EOFError, OSError):
                         msg = None
+                    if msg is not None and msg[0] == "done":
+                        self.broken_lists.update(dict.fromkeys(msg[1]))
                     if msg is not None and msg[0] == "fatal" and not self.fatal:
                         # the disk is full or unwritable: every cell would meet it; stop them all
                         self.fatal = msg[1]
@@ -201,6 +206,9 @@ class CellRun:
                         self._signal_cells()
                 if c.proc.sentinel in ready:
                     self._ended(c)
+            if self.counter is not None and not self.counter.is_alive():  # reaped now, not at the end
+                self.counter.join(0)
+                self.counter = None
             now = time.monotonic()
             if self.on_tick and now - last_tick >= 0.5:
                 last_tick = now
@@ -262,8 +270,8 @@ def cell_main(cfg: RunConfig, spec: CellSpec, conn, log_level: int) -> None:  # 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("pyvips").setLevel(logging.ERROR)
     try:
-        Supervisor(cfg, cell=spec).run()
+        summary = Supervisor(cfg, cell=spec).run()
     except RunError as e:
         conn.send(("fatal", str(e)))
         sys.exit(3)
-    conn.send(("done",))
+    conn.send(("done", summary.broken_lists))

@@ -17,7 +17,18 @@ from .variants import DEFAULT_QUALITY, PipelineConfig, parse_sizes, parse_varian
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_RUN_ERROR = 1
+EXIT_INCOMPLETE = 3
 EXIT_INTERRUPTED = 130
+
+RUN_EXIT_STATUS = """\
+exit status:
+  0    every row of every list was processed (rows that failed are in the state DB)
+  1    the run could not go on (unwritable output, a process that keeps dying)
+  2    bad usage, or a list that cannot be read at all (nothing was started)
+  3    incomplete: a list broke part-way (e.g. a truncated .gz); its rows before the break and
+       every other list were processed, the break is in the log, the summary and the state DB
+       (lists.error_reason, error_line, error_detail)
+  130  interrupted (Ctrl-C, SIGTERM): run the same command again to resume"""
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -214,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         description="Download every row of the lists, verify it, decode it, write the requested variants, and "
         "record every row in the state DB. Run the same command again to resume.",
+        epilog=RUN_EXIT_STATUS,
     )
     _add_run_options(run)
 
@@ -370,10 +382,10 @@ def run_engine(cfg: RunConfig) -> int:
             monitor.stop()  # before the summary: the TUI gives the terminal back first
     if cfg.ui != "none":
         print(summary_text(summary.ok, summary.failed, summary.skipped, summary.reasons, summary.elapsed_s,
-                           summary.interrupted), file=sys.stderr)
+                           summary.interrupted, summary.broken_lists), file=sys.stderr)
     if summary.interrupted:
         return EXIT_INTERRUPTED
-    return EXIT_OK
+    return EXIT_INCOMPLETE if summary.broken_lists else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

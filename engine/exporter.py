@@ -22,8 +22,8 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from . import metrics as M
-from .monitor import child_rows, proc_name
-from .stats import HIST_BUCKETS_S, HIST_DOWNLOAD_BASE, HIST_PROCESS_BASE, F, histogram, reason_counts
+from .monitor import proc_name, ring_rows
+from .stats import HIST_BUCKETS_S, HIST_DOWNLOAD_BASE, HIST_PROCESS_BASE, F, blank, histogram, reason_counts
 
 
 def _counter(m: M.Metric, labels: tuple[str, ...] | None = None) -> CounterMetricFamily:
@@ -35,7 +35,12 @@ def _gauge(m: M.Metric) -> GaugeMetricFamily:
 
 
 class EngineCollector(Collector):
-    """Reads ``holder.data`` (an :class:`engine.monitor.LiveData`, None until the run starts)."""
+    """Reads ``holder.data`` (an :class:`engine.monitor.LiveData`, None until the run starts).
+
+    Every family has its series from the first scrape, zero until something happens (a
+    Prometheus that scrapes at start must not see series appear): before the run hands over
+    its stats, a blank matrix of the run's shape (``holder.layout``) stands in for them.
+    """
 
     def __init__(self, holder) -> None:  # noqa: ANN001 - engine.monitor._Holder
         self.holder = holder
@@ -45,9 +50,15 @@ class EngineCollector(Collector):
         info.add_metric([__version__], 1)
         yield info
         data = self.holder.data
-        if data is None:
+        if data is not None:
+            layout, m = data.layout, data.stats.snapshot()
+            view = data.view()
+            processes = view.get("processes", ())
+        elif self.holder.layout is not None:
+            layout, m = self.holder.layout, blank(self.holder.layout)
+            processes = self.holder.procs.sample(m)  # the supervisor and this process exist already
+        else:
             return
-        m = data.stats.snapshot()
 
         def tot(f: int) -> int:
             return int(m[:, f].sum())
@@ -57,10 +68,10 @@ class EngineCollector(Collector):
         c.add_metric(["failed"], tot(F.IMAGES_FAILED))
         yield c
         expected = int(m[0, F.EXPECTED])
+        g = _gauge(M.IMAGES_EXPECTED)
         if expected >= 0:  # -1 while the lists are still being counted: no sample beats a wrong one
-            g = _gauge(M.IMAGES_EXPECTED)
             g.add_metric([], expected)
-            yield g
+        yield g
         for metric, field in (
             (M.IMAGES_SKIPPED, F.SKIPPED),
             (M.DOWNLOADED_BYTES, F.DOWNLOADED_BYTES),
@@ -90,35 +101,32 @@ class EngineCollector(Collector):
             yield h
         g = _gauge(M.ROWS_WAITING)
         g.add_metric(["fetch"], tot(F.PARKED))
-        cells = data.layout.cells
+        cells = layout.cells
         g.add_metric(["worker"], int(m[:cells, F.QUEUED_BODIES].sum()))
         g.add_metric(["writer"], int(m[:cells, F.QUEUED_WRITES].sum()))
         yield g
-        view = data.view()
         slots, used = _gauge(M.RING_SLOTS), _gauge(M.RING_USED_SLOTS)
-        for r in view.get("rings", ()):
+        for r in ring_rows(layout, m):
             slots.add_metric([r["ring"], r["process"]], r["slots"])
             used.add_metric([r["ring"], r["process"]], r["used"])
         yield slots
         yield used
         cpu, rss = _counter(M.PROCESS_CPU), _gauge(M.PROCESS_RSS)
-        for p in view.get("processes", ()):
+        for p in processes:
             cpu.add_metric([p["name"]], p["cpu_s"])
             rss.add_metric([p["name"]], p["rss"])
         yield cpu
         yield rss
         hb = _gauge(M.HEARTBEAT_AGE)
         now_ms = time.monotonic() * 1000
-        for row in child_rows(data.layout):
-            beat = int(m[row, F.HEARTBEAT_MS])
-            if beat > 0:
-                hb.add_metric([proc_name(data.layout, row)], max(0.0, (now_ms - beat) / 1000))
-        beat = int(m[0, F.HEARTBEAT_MS])
-        if beat > 0 and data.layout.cells == 1:
-            hb.add_metric(["supervisor"], max(0.0, (now_ms - beat) / 1000))
+        for row in range(layout.rows):
+            # A process that has not gone round yet counts from the start: one that never
+            # does shows a growing age (an alert fires), not a missing series.
+            beat = int(m[row, F.HEARTBEAT_MS]) or self.holder.t0 * 1000
+            hb.add_metric([proc_name(layout, row)], max(0.0, (now_ms - beat) / 1000))
         yield hb
         g = _gauge(M.START_TIME)
-        g.add_metric([], data.t0_wall)
+        g.add_metric([], self.holder.t0_wall)
         yield g
 
 

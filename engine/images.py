@@ -83,8 +83,8 @@ import os
 import struct
 from dataclasses import dataclass
 
-# One image at a time per worker process: libvips threads only add overhead (TECH-NOTES
-# §3: two 1-thread processes give 2x, one 2-thread process gives nothing). Must be set
+# One image at a time per worker process: libvips threads only add overhead (measured:
+# two 1-thread processes give 2x, one 2-thread process gives nothing). Must be set
 # before libvips initialises, i.e. before pyvips is imported.
 os.environ.setdefault("VIPS_CONCURRENCY", "1")
 
@@ -453,7 +453,7 @@ def _make_variants(
     if fmt == "jpeg":
         # Shrink-on-load: the DCT decodes at 1/2, 1/4 or 1/8 scale for a fraction of the
         # cost. Take the largest factor that still leaves at least the base size (thumbnail
-        # itself keeps a 2x margin; TECH-NOTES §3 measured ~20 % faster this way).
+        # itself keeps a 2x margin; measured ~20 % faster on 4000x3000 -> 1024 this way).
         src_w, src_h = img.width, img.height
         need_w, need_h = math.ceil(src_w * base_scale), math.ceil(src_h * base_scale)
         shrink = next((k for k in _JPEG_SHRINKS if src_w / k >= need_w and src_h / k >= need_h), 1)

@@ -20,7 +20,8 @@ may use CRLF line ends. In line-oriented lists blank lines and ``#`` comments ar
 Problems inside a list never raise: a malformed record is yielded as a :class:`BadRow` so the
 run records it as failed and goes on. A list that cannot be opened or is no known format
 raises :class:`ListError` (a one-line message for the user) before the first row is yielded;
-a list that becomes unreadable half-way (a truncated ``.gz``) raises it from the iterator.
+a list that becomes unreadable half-way (a truncated ``.gz``) raises :class:`ListBroken` from
+the iterator, or, given ``on_broken``, is reported to it and the next list is read.
 """
 
 from __future__ import annotations
@@ -99,6 +100,19 @@ class ListKind(str, enum.Enum):
 
 class ListError(Exception):
     """A list cannot be read at all; the message is one line, fit to show the user."""
+
+
+class ListBroken(ListError):
+    """A list that became unreadable part-way: its records up to ``line`` were read."""
+
+    def __init__(self, list_index: int, path: str, line: int, error: BaseException) -> None:
+        self.list_index = list_index
+        self.path = path
+        self.line = line  # the last physical line read
+        # gzip's EOFError: the file ends before its compressed stream does (a cut download)
+        self.reason = Reason.TRUNCATED if isinstance(error, EOFError) else Reason.CORRUPT
+        self.detail = _describe(error)
+        super().__init__(f"{path}: unreadable after line {line} ({self.detail})")
 
 
 @dataclass(frozen=True)
@@ -238,20 +252,26 @@ def list_info(path: str) -> ListInfo:
 
 
 def iter_rows(
-    paths: Sequence[str], *, subset: str | None = None, limit: int | None = None
+    paths: Sequence[str],
+    *,
+    subset: str | None = None,
+    limit: int | None = None,
+    on_broken: Callable[[ListBroken], None] | None = None,
 ) -> Iterator[Row | BadRow]:
     """Stream the records of every list in ``paths``, in order.
 
     ``subset`` keeps only rows of that subset; rows whose list does not say a subset (URL
     lists, bare ImageID lists, legacy v4 lists) are kept. ``limit`` stops after that many
     items (rows and bad rows) in total. Every list is checked before the first row is
-    yielded, so a missing or foreign file raises ListError here, not half-way.
+    yielded, so a missing or foreign file raises ListError here, not half-way. A list that
+    breaks part-way raises ListBroken from the iterator; with ``on_broken`` it is passed to
+    that instead, and the rows of the lists after it are still read.
     """
     _check_subset(subset)
     if limit is not None and limit < 0:
         raise ListError(f"--limit must be 0 or more, not {limit}")
     formats = [_sniff(p) for p in paths]
-    return _iter_all(formats, subset, limit)
+    return _iter_all(formats, subset, limit, on_broken)
 
 
 def count_rows(paths: Sequence[str], *, subset: str | None = None) -> int:
@@ -387,22 +407,29 @@ def _looks_like_openimages_row(fields: tuple[str, ...]) -> bool:
 # Reading
 
 
-def _iter_all(formats: list[_Format], subset: str | None, limit: int | None) -> Iterator[Row | BadRow]:
+def _iter_all(
+    formats: list[_Format], subset: str | None, limit: int | None, on_broken: Callable[[ListBroken], None] | None
+) -> Iterator[Row | BadRow]:
     if limit == 0:
         return
     remaining = limit
     for index, fmt in enumerate(formats):
         reader = _csv_rows if fmt.layout is _Layout.CSV else _line_rows
-        # closing(): stopping at the limit must close this list's file now, not at GC.
-        with contextlib.closing(reader(index, fmt, subset)) as rows:
-            if remaining is None:
-                yield from rows
-                continue
-            for item in rows:
-                yield item
-                remaining -= 1
-                if remaining == 0:
-                    return
+        try:
+            # closing(): stopping at the limit must close this list's file now, not at GC.
+            with contextlib.closing(reader(index, fmt, subset)) as rows:
+                if remaining is None:
+                    yield from rows
+                    continue
+                for item in rows:
+                    yield item
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+        except ListBroken as e:
+            if on_broken is None:
+                raise
+            on_broken(e)
 
 
 def _csv_rows(index: int, fmt: _Format, subset: str | None) -> Iterator[Row | BadRow]:
@@ -450,7 +477,7 @@ def _csv_rows(index: int, fmt: _Format, subset: str | None) -> Iterator[Row | Ba
                     continue
                 yield parse(start, record)
         except (OSError, EOFError, zlib.error) as e:
-            raise ListError(f"{path}: unreadable after line {last} ({_describe(e)})") from None
+            raise ListBroken(index, path, last, e) from None
 
 
 # Rotation as written by the v4+ lists, parsed without float() for the common values.
@@ -537,7 +564,7 @@ def _line_rows(index: int, fmt: _Format, subset: str | None) -> Iterator[Row | B
                 else:
                     yield _hex_row(index, number, path, entry)
         except (OSError, EOFError, zlib.error) as e:
-            raise ListError(f"{path}: unreadable after line {number} ({_describe(e)})") from None
+            raise ListBroken(index, path, number, e) from None
 
 
 def _url_row(index: int, line: int, path: str, url: str) -> Row | BadRow:

@@ -51,7 +51,8 @@ PROCESS_CPU = Metric("oidl_process_cpu_seconds_total", "counter", "CPU time (use
 PROCESS_RSS = Metric("oidl_process_resident_memory_bytes", "gauge", "Resident memory of each engine process.",
                      ("process",))
 HEARTBEAT_AGE = Metric(
-    "oidl_process_heartbeat_age_seconds", "gauge", "Seconds since a process last went round its loop.", ("process",)
+    "oidl_process_heartbeat_age_seconds", "gauge",
+    "Seconds since a process last went round its loop (since the run started, before its first turn).", ("process",)
 )
 START_TIME = Metric("oidl_start_time_seconds", "gauge", "Unix time the run started.")
 BUILD_INFO = Metric("oidl_build_info", "gauge", "Always 1; the engine version is the label.", ("version",))

@@ -57,6 +57,10 @@ class MonitorConfig:
     web_host: str = "127.0.0.1"
     web_port: int | None = None
     out_dir: Path = Path(".")
+    #: the run's process counts: every labelled metric has its series from the first scrape
+    fetchers: int = 1
+    workers: int = 1
+    cells: int = 1
 
     @property
     def needed(self) -> bool:
@@ -76,6 +80,17 @@ def proc_name(layout: StatsLayout, row: int) -> str:
 def child_rows(layout: StatsLayout) -> range:
     """Rows of processes other than the main one (which the monitor knows as its parent)."""
     return range(1 if layout.cells == 1 else 0, layout.rows)
+
+
+def ring_rows(layout: StatsLayout, m) -> list[dict]:  # noqa: ANN001 - the stats matrix
+    """Every fetcher's and worker's ring, from the start: 0 slots until the child publishes them."""
+    rings = []
+    for row in range(2 * layout.cells, layout.rows):
+        owned = int(m[row, F.OWNED_SLOTS])
+        role, _ = layout.role_of(row)
+        rings.append({"process": proc_name(layout, row), "ring": "fetch" if role is Role.FETCHER else "output",
+                      "slots": owned, "used": max(0, owned - int(m[row, F.FREE_SLOTS]))})
+    return rings
 
 
 class ProcessTable:
@@ -169,14 +184,7 @@ class LiveData:
         todo = expected - skipped if expected >= 0 else None
         pct = min(100.0, 100.0 * done / todo) if todo else (100.0 if todo == 0 else None)
         eta = (todo - done) / eta_ips if todo is not None and eta_ips > 0 else None
-        rings = []
-        lay = self.layout
-        for row in range(2 * lay.cells, lay.rows):
-            owned = int(m[row, F.OWNED_SLOTS])
-            if owned > 0:
-                role, _ = lay.role_of(row)
-                rings.append({"process": proc_name(lay, row), "ring": "fetch" if role is Role.FETCHER else "output",
-                              "slots": owned, "used": owned - int(m[row, F.FREE_SLOTS])})
+        rings = ring_rows(self.layout, m)
         transfers = self.board.read_transfers()
         recent_ok = self.board.read_finished(True)
         for r in recent_ok:
@@ -241,10 +249,18 @@ class LiveData:
 
 # -- the process ------------------------------------------------------------------------------
 class _Holder:
-    """Filled once the supervisor hands over the segment; servers read ``data`` (None before)."""
+    """Filled once the supervisor hands over the segment; servers read ``data`` (None before).
 
-    def __init__(self) -> None:
+    Before that, ``layout`` (the run's process counts, no segment) and ``procs`` let the
+    exporter answer the first scrapes with every metric at zero instead of leaving them out.
+    """
+
+    def __init__(self, layout: StatsLayout | None = None) -> None:
         self.data: LiveData | None = None
+        self.layout = layout
+        self.procs = ProcessTable(layout) if layout is not None else None
+        self.t0 = time.monotonic()
+        self.t0_wall = time.time()
 
 
 def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
@@ -261,7 +277,7 @@ def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
         pass
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
-    holder = _Holder()
+    holder = _Holder(StatsLayout("", cfg.fetchers, cfg.workers, cfg.cells))
     urls: dict[str, str] = {}
     servers: list[Callable[[], None]] = []
     try:
@@ -338,7 +354,10 @@ class Monitor:
 
     @classmethod
     def for_run(cls, run) -> "Monitor | None":  # noqa: ANN001 - engine.config.RunConfig
+        from .cells import cell_count
+
         web_port = run.web_port if run.web_port is not None else (0 if run.ui == "web" else None)
+        cells = cell_count(run)
         cfg = MonitorConfig(
             tui=run.ui == "tui",
             metrics_host=run.metrics_host,
@@ -346,6 +365,9 @@ class Monitor:
             web_host=run.web_host,
             web_port=web_port,
             out_dir=run.output.out_dir,
+            fetchers=max(1, run.fetch.fetchers) * cells,  # as the supervisors start them
+            workers=max(1, run.workers),
+            cells=cells,
         )
         return cls(cfg) if cfg.needed else None
 

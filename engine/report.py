@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Sequence, TextIO
 
 from .stats import F, Stats
 
@@ -86,13 +86,18 @@ class PlainReporter:
             print(self.line(stats), file=self.stream, flush=True)
 
 
-def summary_text(ok: int, failed: int, skipped: int, reasons: dict[str, int], elapsed_s: float, interrupted: bool) -> str:
+def summary_text(ok: int, failed: int, skipped: int, reasons: dict[str, int], elapsed_s: float, interrupted: bool,
+                 broken_lists: Sequence[str] = ()) -> str:
     done = ok + failed
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
+    state = "interrupted" if interrupted else "incomplete" if broken_lists else "finished"
     lines = [
-        f"{'interrupted' if interrupted else 'finished'} in {human_duration(elapsed_s)}: "
+        f"{state} in {human_duration(elapsed_s)}: "
         f"{ok} ok, {failed} failed, {skipped} already done ({rate:.1f} rows/s)"
     ]
     for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {reason:<16} {n}")
+    if broken_lists:
+        lines.append(f"{len(broken_lists)} list(s) could not be read to the end (rows after the break were not read):")
+        lines.extend(f"  {text}" for text in broken_lists)
     return "\n".join(lines)

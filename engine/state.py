@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lists.error_reason, error_line, error_detail
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -28,7 +28,10 @@ CREATE TABLE IF NOT EXISTS lists (
     list_id INTEGER PRIMARY KEY,
     path    TEXT NOT NULL UNIQUE,
     kind    TEXT NOT NULL,
-    columns TEXT NOT NULL              -- JSON array: the list's own header columns
+    columns TEXT NOT NULL,             -- JSON array: the list's own header columns
+    error_reason TEXT,                 -- NULL when the last run read the list to its end; else why
+    error_line   INTEGER,              --   not (engine.errors.Reason), the last line read before,
+    error_detail TEXT                  --   and the reader's message
 );
 CREATE TABLE IF NOT EXISTS images (
     image_id   TEXT PRIMARY KEY,
@@ -101,13 +104,26 @@ def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+#: columns added after version 1, added in place to a DB an older version made
+_ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("lists", "error_reason", "TEXT"),
+    ("lists", "error_line", "INTEGER"),
+    ("lists", "error_detail", "TEXT"),
+)
+
+
 def init(path: Path | str) -> None:
     conn = connect(path)
     try:
         with conn:
             conn.executescript(SCHEMA)
+            for table, column, decl in _ADDED_COLUMNS:
+                if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             conn.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET"
+                " value=excluded.value WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                (str(SCHEMA_VERSION),),
             )
     finally:
         conn.close()
@@ -117,11 +133,21 @@ def register_list(conn: sqlite3.Connection, path: str, kind: str, columns: Seque
     with conn:
         conn.execute(
             "INSERT INTO lists(path, kind, columns) VALUES (?, ?, ?) "
-            "ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, columns=excluded.columns",
+            "ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, columns=excluded.columns,"
+            " error_reason=NULL, error_line=NULL, error_detail=NULL",  # this run reads it again
             (path, kind, json.dumps(list(columns))),
         )
     row = conn.execute("SELECT list_id FROM lists WHERE path=?", (path,)).fetchone()
     return int(row[0])
+
+
+def list_broken(conn: sqlite3.Connection, list_id: int, reason: str, line: int, detail: str) -> None:
+    """Record that a list could not be read past ``line``: the run did not see the rest of it."""
+    with conn:
+        conn.execute(
+            "UPDATE lists SET error_reason=?, error_line=?, error_detail=? WHERE list_id=?",
+            (reason, line, detail, list_id),
+        )
 
 
 def finished_ids(conn: sqlite3.Connection, ids: Sequence[str], *, include_failed: bool) -> set[str]:

@@ -128,8 +128,7 @@ class Stats:
         shm = new_segment(rows * N_FIELDS * 8 + board_bytes(fetchers, workers, cells))
         layout = StatsLayout(name=shm.name, fetchers=fetchers, workers=workers, cells=cells)
         s = cls(shm, layout, row=0, owner=True)
-        s.m[:] = 0
-        s.m[0, F.EXPECTED] = -1
+        s.m[:] = blank(layout)
         return s
 
     @classmethod
@@ -189,6 +188,13 @@ class Stats:
         self._r = None
         self.m = None  # type: ignore[assignment]  (numpy views must go before the mapping)
         close_segment(self._shm, self.owner)
+
+
+def blank(layout: StatsLayout) -> np.ndarray:
+    """The matrix of a run before anything has happened: zeros, the row total still being counted."""
+    m = np.zeros((layout.rows, N_FIELDS), dtype=np.int64)
+    m[0, F.EXPECTED] = -1
+    return m
 
 
 def reason_counts(snapshot: np.ndarray) -> dict[str, int]:

@@ -183,6 +183,8 @@ class RunSummary:
     reasons: dict[str, int]
     elapsed_s: float
     interrupted: bool
+    #: lists that broke part-way (one line each: file, line, reason): the run is incomplete
+    broken_lists: tuple[str, ...] = ()
 
 
 def prepare_run(cfg: RunConfig) -> tuple[sqlite3.Connection, list[int]]:
@@ -237,6 +239,7 @@ class Supervisor:
         self.ok = 0
         self.failed = 0
         self.reasons: dict[str, int] = {}
+        self.broken_lists: list[str] = []
 
     # -- set-up -------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -330,7 +333,7 @@ class Supervisor:
     def _iter_feed(self) -> Iterator[tuple[Row | BadRow, int]]:
         """Rows still to do, in list order, skipping rows the DB says are finished."""
         cfg = self.cfg
-        it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit)
+        it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit, on_broken=self._list_broken)
         cells = self.cell.count if self.cell else 1
         mine = self.cell_index
         while True:
@@ -359,6 +362,13 @@ class Supervisor:
             self.skip_absorb -= 1
             return
         self.stats.add(F.SKIPPED)
+
+    def _list_broken(self, e: inputs.ListBroken) -> None:
+        """A list that breaks part-way: its rows so far are done, the next list is read."""
+        text = f"{e.path}: unreadable after line {e.line}: {e.reason} ({e.detail})"
+        log.error("%s; the rows before it are processed, the rest of that list is not", text)
+        self.broken_lists.append(text)
+        state.list_broken(self.db, self.list_ids[e.list_index], e.reason.value, e.line, e.detail)
 
     @staticmethod
     def _key(item: Row | BadRow) -> str:
@@ -392,8 +402,9 @@ class Supervisor:
             except StopIteration:
                 self.feed_done = True
                 break
-            except inputs.ListError as e:  # a list that breaks part-way (e.g. a truncated .gz)
+            except inputs.ListError as e:  # a list gone since the start (breaks part-way: _list_broken)
                 log.error("%s; the rows before it are processed, the rest of that list is not", e)
+                self.broken_lists.append(str(e))
                 self.feed_done = True
                 break
             key = self._key(item)
@@ -689,7 +700,7 @@ class Supervisor:
             signal.signal(signal.SIGTERM, old_term)
             self._shutdown()
         return RunSummary(self.ok, self.failed, self.skipped, dict(self.reasons), time.monotonic() - t0,
-                          interrupted=self.stop_signals > 0)
+                          interrupted=self.stop_signals > 0, broken_lists=tuple(self.broken_lists))
 
     def _loop(self) -> None:
         stopping_since: float | None = None
@@ -746,10 +757,19 @@ class Supervisor:
             for kind, idx in dead:
                 self._on_death(kind, idx)
             self._update_gauges()
+            self._reap_counter()
             now = time.monotonic()
             if self.on_tick and now - last_tick >= 0.5:
                 last_tick = now
                 self.on_tick(self)
+
+    def _reap_counter(self) -> None:
+        # The counter exits within seconds of the start; reaped now, not at the end of the
+        # run, it does not sit in the process table as <defunct> for hours.
+        counter = getattr(self, "counter", None)
+        if counter is not None and not counter.is_alive():  # is_alive() waits for it (WNOHANG)
+            counter.join(0)
+            self.counter = None
 
     def _update_gauges(self) -> None:
         s = self.stats
@@ -824,10 +844,12 @@ def count_main(lists: tuple[str, ...], subset: str | None, limit: int | None, la
 
     child_init("counter")
     os.nice(10)  # only the ETA waits for it: never take a core from the pipeline at start-up
-    try:
-        n = inputs.count_rows(list(lists), subset=subset)
-    except inputs.ListError:
-        return  # the run reports list errors itself; the count only feeds the ETA
+    n = 0
+    for path in lists:  # one by one: a list that breaks part-way leaves the others' count
+        try:
+            n += inputs.count_rows([path], subset=subset)
+        except inputs.ListError:
+            pass  # the run reports list errors itself; the count only feeds the progress and ETA
     if limit is not None:
         n = min(n, limit)
     stats = Stats.attach(layout, None)

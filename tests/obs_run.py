@@ -10,7 +10,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from conftest import CLI, REPO, kill_tree_on_failure, write_list
+from engine import metrics as M
+from engine.errors import ALL_REASONS
 
 #: per-connection body rate and connection cap that make the 63-image corpus take ~30 s
 SLOW_RATE_BPS = 100_000
@@ -62,3 +66,30 @@ def start_run(tmp_path: Path, items, server, extra: Sequence[str], want: Sequenc
 
     threading.Thread(target=drain, daemon=True).start()
     return run
+
+
+def families(text: str) -> dict[str, dict[tuple, float]]:
+    """{metric name as defined in engine.metrics: {sorted label items: value}} of a scrape."""
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        name = fam.name + "_total" if fam.type == "counter" else fam.name
+        out[name] = {tuple(sorted(s.labels.items())): s.value for s in fam.samples
+                     if not s.name.endswith("_created")}
+    return out
+
+
+def check_first_scrape(text: str, fetchers: int, workers: int) -> None:
+    """Every metric family is in the scrape, with its series for every process of the run."""
+    fams = families(text)
+    for metric in M.ALL:
+        assert metric.name in fams, f"{metric.name} missing from the first scrape"
+        # every family has its series at once, except a row total nobody has counted yet
+        assert fams[metric.name] or metric is M.IMAGES_EXPECTED, f"{metric.name} has no series"
+    children = [("fetch", f"fetcher-{i}") for i in range(fetchers)] + [("output", f"worker-{j}") for j in range(workers)]
+    for metric in (M.RING_SLOTS, M.RING_USED_SLOTS):
+        assert {(dict(k)["ring"], dict(k)["process"]) for k in fams[metric.name]} == set(children), metric.name
+    assert {dict(k)["reason"] for k in fams[M.FAILURES.name]} == set(ALL_REASONS)
+    assert {"supervisor", "monitor"} <= {dict(k)["process"] for k in fams[M.PROCESS_RSS.name]}
+    beats = {dict(k)["process"] for k in fams[M.HEARTBEAT_AGE.name]}
+    assert {"supervisor", "writer", *(p for _, p in children)} <= beats
+

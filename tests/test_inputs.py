@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import gzip
 import io
-import os
 import re
 import tarfile
 import time
@@ -36,35 +35,23 @@ V4_COLUMNS = V3_COLUMNS + ["Rotation"]
 SPLITS = ("train", "validation", "test")
 
 
-def _shared_dir() -> Path | None:
-    candidates = [Path(__file__).resolve().parents[2] / "shared"]
-    if os.environ.get("OIDL_SHARED"):
-        candidates.append(Path(os.environ["OIDL_SHARED"]))
-    for candidate in candidates:
-        if (candidate / "openimages-samples").is_dir():
-            return candidate
-    return None
+#: real Open Images V3 (2017_11) samples kept in the repository (see tests/data/README.md)
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real V3 (2017_11) images.csv of each split, extracted into a temporary directory."""
-    shared = _shared_dir()
-    if shared is None:
-        pytest.skip("shared/openimages-samples not found beside the clone; set OIDL_SHARED to the shared/ directory")
     out = tmp_path_factory.mktemp("samples")
-    with tarfile.open(shared / "openimages-samples" / "test_images_2017_11.tar.gz") as tar:
+    with tarfile.open(DATA / "test_images_2017_11.tar.gz") as tar:
         tar.extractall(out, filter="data")
     return out / "2017_11"
 
 
 @pytest.fixture(scope="module")
 def annotations_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    shared = _shared_dir()
-    if shared is None:
-        pytest.skip("shared/openimages-samples not found beside the clone; set OIDL_SHARED to the shared/ directory")
     out = tmp_path_factory.mktemp("annotations")
-    with tarfile.open(shared / "openimages-samples" / "test_annotations_human_2017_11.tar.gz") as tar:
+    with tarfile.open(DATA / "test_annotations_human_2017_11.tar.gz") as tar:
         tar.extractall(out, filter="data")
     return out / "2017_11" / "validation" / "annotations-human.csv"
 
@@ -178,11 +165,8 @@ def test_annotation_file_is_not_a_list(annotations_csv: Path) -> None:
 
 
 def test_metadata_tarball_is_not_a_list() -> None:
-    shared = _shared_dir()
-    if shared is None:
-        pytest.skip("shared/openimages-samples not found; set OIDL_SHARED")
     with pytest.raises(ListError, match="tar archive"):
-        list_info(str(shared / "openimages-samples" / "test_images_2017_11.tar.gz"))
+        list_info(str(DATA / "test_images_2017_11.tar.gz"))
 
 
 # -- generated v4+ lists -----------------------------------------------------------------

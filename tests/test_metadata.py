@@ -24,7 +24,8 @@ from engine.errors import Reason
 from engine.loopback import LoopbackServer
 from engine.meta.download import RELEASES, DownloadConfig, MetadataError, download, extract, is_complete
 
-SAMPLES = Path("/work/shared/openimages-samples")
+#: real Open Images V3 (2017_11) files kept in the repository (see tests/data/README.md)
+SAMPLES = Path(__file__).resolve().parent / "data"
 FAST = DownloadConfig(
     connect_timeout_s=2, low_speed_time_s=2, low_speed_limit_bps=1000, max_retries=3, retry_base_s=0.05, retry_max_s=0.5
 )
@@ -75,7 +76,7 @@ def test_table_is_well_formed() -> None:
 
 
 def test_table_entry_matches_the_real_v3_classes_archive() -> None:
-    # The shared sample is the genuine classes_2017_11.tar.gz: it checks the table's figures.
+    # The sample is the genuine classes_2017_11.tar.gz: it checks the table's figures.
     (entry,) = [f for f in RELEASES["v3"] if "classes" in f.relpath]
     data = (SAMPLES / "test_classes_2017_11.tar.gz").read_bytes()
     assert (len(data), hashlib.md5(data).hexdigest()) == (entry.size, entry.md5_hex)

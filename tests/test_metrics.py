@@ -17,8 +17,8 @@ from engine.errors import ALL_REASONS
 from engine.exporter import make_registry
 from engine.monitor import LiveData, _Holder
 from engine.state import OutputRow
-from engine.stats import HIST_DOWNLOAD_BASE, HIST_PROCESS_BASE, F, Role, Stats
-from obs_run import start_run
+from engine.stats import HIST_DOWNLOAD_BASE, HIST_PROCESS_BASE, F, Role, Stats, StatsLayout
+from obs_run import check_first_scrape, families, start_run
 
 
 @pytest.fixture
@@ -138,7 +138,12 @@ def test_exporter_names_and_values(stats: Stats, tmp_path: Path) -> None:
     assert failures[(("reason", "http_404"),)] == 2
     hist = {s.labels.get("le"): s.value for s in fams[M.DOWNLOAD_SECONDS.name].samples if s.name.endswith("_bucket")}
     assert hist["0.25"] == 0 and hist["0.5"] == 1 and hist["60.0"] == 1 and hist["+Inf"] == 2
-    assert samples(M.RING_USED_SLOTS) == {(("process", "fetcher-0"), ("ring", "fetch")): 25}
+    # every ring from the start: 0 until its process publishes its slots
+    assert samples(M.RING_USED_SLOTS) == {(("process", "fetcher-0"), ("ring", "fetch")): 25,
+                                          (("process", "fetcher-1"), ("ring", "fetch")): 0,
+                                          (("process", "worker-0"), ("ring", "output")): 0,
+                                          (("process", "worker-1"), ("ring", "output")): 0}
+    assert samples(M.RING_SLOTS)[(("process", "fetcher-0"), ("ring", "fetch"))] == 100
     procs = {dict(k)["process"] for k in samples(M.PROCESS_RSS)}
     assert {"supervisor", "monitor", "writer", "fetcher-0", "worker-1"} <= procs
     # every metric defined in engine.metrics is exposed
@@ -149,7 +154,17 @@ def test_exporter_names_and_values(stats: Stats, tmp_path: Path) -> None:
 
 def test_expected_hidden_while_counting(stats: Stats, tmp_path: Path) -> None:
     fams, _ = _scrape(stats, tmp_path)
-    assert M.IMAGES_EXPECTED.name not in fams  # -1 means "still counting": no sample beats a wrong one
+    assert not fams[M.IMAGES_EXPECTED.name].samples  # -1 means "still counting": no sample beats a wrong one
+
+
+def test_every_family_before_the_run_starts() -> None:
+    # What the monitor process serves before the supervisor has handed over its stats.
+    holder = _Holder(StatsLayout("", fetchers=2, workers=3))
+    text = generate_latest(make_registry(holder)).decode()
+    check_first_scrape(text, 2, 3)
+    fams = families(text)
+    assert set(fams[M.RING_USED_SLOTS.name].values()) == set(fams[M.RING_SLOTS.name].values()) == {0}
+    assert fams[M.IMAGES.name] == {(("status", "failed"),): 0, (("status", "ok"),): 0}
 
 
 def test_live_metrics_endpoint(tmp_path: Path, corpus, server) -> None:

@@ -16,12 +16,19 @@ import struct
 import subprocess
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
 
 from conftest import kill_tree_on_failure
+from engine.board import Board
+from engine.monitor import LiveData, _Holder
+from engine.stats import Stats
+from engine.web import serve_web
 from obs_run import start_run
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -95,6 +102,42 @@ class DevTools:
         self.sock.close()
 
 
+@contextmanager
+def _page(url: str, tmp_path: Path, *flags: str) -> Iterator[DevTools]:
+    """A headless Chromium showing ``url``: its DevTools connection once the page has loaded."""
+    browser = subprocess.Popen([CHROMIUM, *FLAGS, *flags, f"--user-data-dir={tmp_path / 'chrome'}", url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert browser.stderr is not None
+        port = None
+        deadline = time.monotonic() + 60
+        while port is None and time.monotonic() < deadline:
+            line = browser.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                port = int(m.group(1))
+        assert port, "chromium did not start its DevTools server"
+        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
+        page = next(t for t in targets if t.get("type") == "page" and t["url"].startswith(url))
+        dt = DevTools(page["webSocketDebuggerUrl"])
+        try:
+            deadline = time.monotonic() + 30
+            while dt.eval("document.readyState + ':' + !!document.getElementById('status')") != "complete:true":
+                assert time.monotonic() < deadline, "the page never loaded"
+                time.sleep(0.2)
+            yield dt
+        finally:
+            dt.close()
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            kill_tree_on_failure(browser)
+
+
 PAGE_STATE = """(() => {
   const t = (id) => document.getElementById(id).textContent;
   const imgs = [...document.querySelectorAll('#gallery img')];
@@ -116,31 +159,10 @@ PAGE_STATE = """(() => {
 def test_web_ui_live_in_chromium(tmp_path: Path, corpus, server) -> None:
     _, items = corpus
     run = start_run(tmp_path, items, server, ["--ui", "none", "--web-port", "0"], ["web"])
-    browser = None
     try:
         url = run.urls["web"]
         assert url.startswith("http://127.0.0.1:")
-        browser = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'chrome'}", url],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert browser.stderr is not None
-        port = None
-        deadline = time.monotonic() + 60
-        while port is None and time.monotonic() < deadline:
-            line = browser.stderr.readline()
-            if not line:
-                break
-            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
-            if m:
-                port = int(m.group(1))
-        assert port, "chromium did not start its DevTools server"
-        targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
-        page = next(t for t in targets if t.get("type") == "page" and t["url"].startswith(url))
-        dt = DevTools(page["webSocketDebuggerUrl"])
-        try:
-            deadline = time.monotonic() + 30
-            while dt.eval("document.readyState + ':' + !!document.getElementById('status')") != "complete:true":
-                assert time.monotonic() < deadline, "the page never loaded"
-                time.sleep(0.2)
+        with _page(url, tmp_path) as dt:
             states = []
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
@@ -164,15 +186,7 @@ def test_web_ui_live_in_chromium(tmp_path: Path, corpus, server) -> None:
             assert all(max(w, h) <= 128 for _, w, h in last["images"]), last["images"]
             assert last["chartInk"] > 0, "the rate chart drew nothing"
             assert any(int(s["downloading"]) > 0 and s["transfers"] > 0 for s in states)
-        finally:
-            dt.close()
     finally:
-        if browser is not None:
-            browser.terminate()
-            try:
-                browser.wait(10)
-            except subprocess.TimeoutExpired:
-                kill_tree_on_failure(browser)
         assert run.stop() in (0, 130)
 
 
@@ -199,3 +213,84 @@ def test_web_serves_only_recent_images(tmp_path: Path, corpus, server) -> None:
         assert "EventSource" in page and "http://" not in page.replace(url, "")  # no CDN: nothing from outside
     finally:
         assert run.stop() in (0, 130)
+
+
+#: how far each panel, and each scrolling list in it, overflows sideways (px), and whether the
+#: long names are cut with an ellipsis inside their cell
+OVERFLOW = """(() => {
+  const out = {page: document.documentElement.scrollWidth - document.documentElement.clientWidth, panels: {}};
+  for (const s of document.querySelectorAll('section')) {
+    const boxes = [s, ...s.querySelectorAll('.scroll')];
+    out.panels[s.querySelector('h2').textContent] = Math.max(...boxes.map((b) => b.scrollWidth - b.clientWidth));
+  }
+  const cut = (sel) => [...document.querySelectorAll(sel)].filter((td) => td.textContent.length > 40)
+    .map((td) => ({fits: td.scrollWidth <= td.clientWidth, ellipsis: getComputedStyle(td).textOverflow === 'ellipsis',
+                   title: td.title === td.textContent}));
+  out.cut = {transfers: cut('#transfers td'), ok: cut('#recent-ok td'), failed: cut('#recent-failed td'),
+             resizes: cut('#resizes td')};
+  return out;
+})()"""
+
+
+def _fill_board(stats: Stats) -> None:
+    """Rows as a run shows them, with the longest names the board carries and real-length ones."""
+    board = Board.of(stats)
+    now = time.monotonic()
+    long_name = ("10245691204_98dce75b5a_o" * 3)[:60] + ".jpg"  # a transfer: the URL's last part, <= 64 bytes
+    attempts = [SimpleNamespace(job=SimpleNamespace(seq=i, url=f"http://127.0.0.1/{long_name if i % 2 else f'{i:016x}_o.jpg'}"),
+                                nbytes=123_456 * i, total=9_876_543, t_start=now - i) for i in range(1, 9)]
+    fetcher = board.fetcher(0)  # one view: making another starts a fresh list, as a restarted fetcher does
+    fetcher.publish(attempts, now)
+    fetcher.handed_on(77, f"http://127.0.0.1/{long_name}")
+    board.worker(1).start(77, 2_345_678, now)
+    longest_id = "0123456789abcdef" * 8  # the longest ImageID the engine accepts: 128 characters
+    rows = []
+    for i in range(30):
+        image_id = longest_id if i % 3 == 0 else f"{i:016x}"
+        if i % 5 == 4:
+            rows.append(SimpleNamespace(image_id=image_id, status="failed", reason="not_an_image", nbytes=0, width=0,
+                                        height=0, outputs=(), detail="got text/html: <!DOCTYPE html><html><head>" * 4))
+        else:
+            rows.append(SimpleNamespace(image_id=image_id, status="ok", reason=None, detail=None, nbytes=1_234_567,
+                                        width=6000, height=4000, outputs=()))
+    board.writer().finished(rows, time.time())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.timeout(120)
+def test_panels_fit_their_width(tmp_path: Path) -> None:
+    """No panel scrolls sideways at 1400 px (nor at 1024 or 1920): long names end in an ellipsis."""
+    stats = Stats.create(1, 2)
+    holder = _Holder()
+    close = None
+    try:
+        _fill_board(stats)
+        holder.data = LiveData(stats, tmp_path)
+        holder.data.sample()
+        close, url = serve_web(holder, "127.0.0.1", 0)
+        with _page(url, tmp_path, "--window-size=1400,1000") as dt:
+            assert dt.eval("window.innerWidth") == 1400
+            deadline = time.monotonic() + 20
+            while dt.eval("document.querySelectorAll('#recent-ok tr').length") == 0:
+                assert time.monotonic() < deadline, "the page never showed the rows"
+                time.sleep(0.2)
+            for width in (1400, 1024, 1920):
+                dt.call("Emulation.setDeviceMetricsOverride", width=width, height=1000, deviceScaleFactor=1,
+                        mobile=False)
+                time.sleep(0.3)  # a layout pass
+                got = dt.eval(OVERFLOW)
+                assert got["page"] <= 0, (width, got)
+                assert {k: v for k, v in got["panels"].items() if v > 0} == {}, (width, got)
+                for panel, cells in got["cut"].items():
+                    # a name too long for its cell ends in an ellipsis, the whole of it in the title
+                    assert cells and all(c["fits"] or (c["ellipsis"] and c["title"]) for c in cells), (width, panel)
+                    if width == 1400:
+                        assert not all(c["fits"] for c in cells), (panel, "nothing long enough to test")
+                if width == 1400:
+                    shot = dt.call("Page.captureScreenshot", format="png")
+                    (tmp_path / "web-1400.png").write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        if close is not None:
+            close()
+        holder.data = None
+        stats.close()
