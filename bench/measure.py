@@ -116,6 +116,7 @@ class RunResult:
     tree: TreeStats
     first_done_s: float | None = None  # time to the first finished image, where probed
     stderr_tail: str = ""
+    stderr: str = ""
 
     def as_json(self, images: int) -> dict[str, Any]:
         return {
@@ -199,8 +200,8 @@ def run_measured(
     finally:
         tree = sampler.stop()
     reader.join(timeout=5)
-    tail = b"".join(stderr_chunks).decode(errors="replace")[-3000:]
-    return RunResult(list(cmd), proc.returncode, wall, _children_cpu_s() - cpu0, tree, first_done_s, tail)
+    text = b"".join(stderr_chunks).decode(errors="replace")
+    return RunResult(list(cmd), proc.returncode, wall, _children_cpu_s() - cpu0, tree, first_done_s, text[-3000:], text)
 
 
 def db_counts(db_path: Path) -> dict[str, int]:

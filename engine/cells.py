@@ -65,6 +65,8 @@ _MAX_RESTARTS = 5
 def cell_count(cfg: RunConfig) -> int:
     """Cells for this run: --cells, else one per WORKERS_PER_CELL workers; never more than
     the workers, nor than the connection caps can be divided into (at least one each)."""
+    if cfg.output.sharded:
+        return 1  # shard numbers are handed out by one writer: sharded formats run in one cell
     n = cfg.cells or -(-cfg.workers // WORKERS_PER_CELL)
     return max(1, min(n, cfg.workers, cfg.fetch.max_host_connections, cfg.fetch.max_connections))
 

@@ -58,6 +58,22 @@ def _nonneg_int(text: str) -> int:
     return v
 
 
+def _byte_size(text: str) -> int | None:
+    """``1G``, ``512M``, ``64k``, ``1000`` -> bytes; 0 -> None (no limit)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    if t and t[-1] in "KMGT":
+        mult = 1024 ** ("KMGT".index(t[-1]) + 1)
+        t = t[:-1]
+    try:
+        v = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return int(v * mult) or None
+
+
 def _rgb(text: str) -> tuple[int, int, int]:
     t = text.strip().lstrip("#")
     try:
@@ -148,6 +164,29 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     )
     g.add_argument("--durable", action="store_true", help="fsync every file before its row is committed")
 
+    g = p.add_argument_group("format and annotations")
+    g.add_argument(
+        "--format",
+        choices=("files", "webdataset", "tfrecord", "parquet"),
+        default="files",
+        help="files: one file per image and variant; webdataset: tar shards (PyTorch); tfrecord: tf.train.Example "
+        "shards with the TF Object Detection API's keys; parquet: one row per image. Shards go to "
+        "OUT/<variant>/NNNNN.<tar|tfrecord|parquet> (an _NNNNN.json index beside each), and appear only once complete",
+    )
+    g.add_argument("--shard-size", type=_positive(), default=OutputConfig.shard_rows,
+                   help="images per shard (all variants are cut together)")
+    g.add_argument("--shard-bytes", type=_byte_size, default="1G",
+                   help="also cut when one shard reaches this size (e.g. 512M, 2G; 0: no limit)")
+    g.add_argument(
+        "--annotations",
+        metavar="TARGET",
+        help="annotations database (oidl-engine db import: SQLite path or postgresql:// URL): attach each image's "
+        "boxes, labels, segmentations (with mask PNGs), relationships and points to its sample; with --format "
+        "files, writes <ImageID>.json beside each image",
+    )
+    g.add_argument("--metadata-dir", type=Path,
+                   help="where the release's mask zips are (default: the annotations database's directory)")
+
     g = p.add_argument_group("processes")
     g.add_argument("--procs", type=_positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
     g.add_argument(
@@ -157,21 +196,29 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         "ImageID hashes to it, so nothing per image runs in a single process. Default: one per 4 --procs "
         "(never more than --max-host-connections, whose share each cell gets)",
     )
+    g.add_argument("--fetchers", type=_positive(), default=1, help="fetcher processes per cell (one drives thousands of transfers)")
     g.add_argument(
-        "--fetchers", type=_positive(), default=1, help="fetcher processes per cell (one drives thousands of transfers)"
+        "--transfers",
+        type=_positive(),
+        default=FetchConfig.transfers,
+        help="most transfers in flight per fetcher. No need to tune it: the fetcher keeps as many in flight as "
+        "keep the workers busy (measured download time x the workers' measured rate, with headroom), within "
+        "--ring-mb and the connection caps, and follows them as hosts or workers speed up or slow down; the "
+        "progress line shows the current target. Lower it only to be gentler on your own network",
     )
-    g.add_argument("--transfers", type=_positive(), default=FetchConfig.transfers, help="transfers in flight per fetcher")
     g.add_argument(
         "--ring-mb",
         type=_positive(),
-        default=256,
-        help="shared-memory ring per fetcher for bodies in flight, MiB. A transfer starts only when the ring can "
-        "hold its expected body (OriginalSize, else the mean so far), so this also caps transfers in flight: "
-        "raise it for large originals from slow hosts (about transfers x mean body size)",
+        default=RingConfig.fetch_slots * RingConfig.slot_bytes // (1024 * 1024),
+        help="most shared memory per fetcher for bodies in flight or waiting for workers, MiB. Only the part "
+        "the current transfer target needs is used (and given back when the target falls); this cap bounds "
+        "the target when bodies are large: a transfer starts only when the ring can hold its expected body "
+        "(OriginalSize, else the mean so far)",
     )
 
     g = p.add_argument_group("network")
-    g.add_argument("--max-connections", type=_positive(), default=FetchConfig.max_connections, help="total connections")
+    g.add_argument("--max-connections", type=_positive(), default=FetchConfig.max_connections,
+                   help="total connections, all hosts (a cap on the transfer target too)")
     g.add_argument(
         "--max-host-connections", type=_positive(), default=FetchConfig.max_host_connections, help="connections per host"
     )
@@ -301,6 +348,20 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     ring_slots = max(1, a.ring_mb * 1024 * 1024 // slot_bytes)
     if ring_slots * slot_bytes < 2 * a.max_bytes:
         raise ValueError(f"--ring-mb {a.ring_mb} must hold at least two bodies of --max-bytes {a.max_bytes}")
+    from .sinks import FormatUnavailable, check_format
+    from .sinks.annotations import AnnotationSource, AnnotationsError
+
+    try:
+        check_format(a.format)
+    except FormatUnavailable as e:
+        raise ValueError(str(e)) from None
+    if a.annotations:
+        try:
+            AnnotationSource(a.annotations, a.metadata_dir).close()  # fail now, clearly, not in the writer
+        except AnnotationsError as e:
+            raise ValueError(f"--annotations: {e}") from None
+    if a.metadata_dir is not None and not a.metadata_dir.is_dir():
+        raise ValueError(f"--metadata-dir {a.metadata_dir} is not a directory")
     ui = a.ui
     if ui == "auto":
         ui = "tui" if sys.stdout.isatty() else "plain"
@@ -312,6 +373,12 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             subdirs=not a.no_subdirs,
             save_originals=a.save_originals,
             durable=a.durable,
+            format=a.format,
+            shard_rows=a.shard_size,
+            shard_bytes=a.shard_bytes,
+            annotations=a.annotations,
+            metadata_dir=a.metadata_dir,
+            rotation_applied=a.apply_rotation,
         ),
         fetch=fetch,
         source=SourceConfig(

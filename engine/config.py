@@ -21,10 +21,12 @@ USER_AGENT = f"oidl-engine/{__version__} (Open Images downloader; pycurl)"
 @dataclass(frozen=True)
 class FetchConfig:
     fetchers: int = 1
-    #: transfers in flight per fetcher process (libcurl multi handles thousands cheaply)
-    transfers: int = 256
-    #: connection caps across the whole run (split evenly over fetchers)
-    max_connections: int = 512
+    #: most transfers in flight per fetcher process; how many are used is found while running
+    #: (engine.autotune: as many as keep the workers busy). libcurl handles thousands cheaply.
+    transfers: int = 4096
+    #: connection caps across the whole run (split evenly over fetchers). The total is a cap, as
+    #: large as --transfers: the per-host cap is what keeps the run polite to each host.
+    max_connections: int = 4096
     max_host_connections: int = 16
     connect_timeout_s: float = 20.0
     #: a transfer slower than low_speed_bps for low_speed_time_s is aborted (stalled server)
@@ -67,6 +69,21 @@ class OutputConfig:
     #: rows per state-DB transaction and the longest a finished row waits to be committed
     batch_rows: int = 256
     batch_s: float = 0.5
+    #: files | webdataset | tfrecord | parquet (engine.sinks)
+    format: str = "files"
+    #: a shard group is cut at this many images or when one of its shards reaches shard_bytes
+    shard_rows: int = 10_000
+    shard_bytes: int | None = 1024**3
+    #: annotations database (SQLite path or postgresql:// URL) attached to every sample
+    annotations: str | None = None
+    #: where the release's mask zips are (segmentations.mask_zip is relative to it); default: the DB's directory
+    metadata_dir: Path | None = None
+    #: copy of PipelineConfig.apply_rotation: samples say whether Rotation was applied
+    rotation_applied: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.format != "files"
 
     @property
     def tmp_dir(self) -> Path:

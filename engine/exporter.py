@@ -85,6 +85,7 @@ class EngineCollector(Collector):
             c.add_metric([], tot(field))
             yield c
         for metric, field in ((M.DOWNLOADS_IN_PROGRESS, F.DOWNLOADS_IN_PROGRESS),
+                              (M.TRANSFERS_TARGET, F.TRANSFERS_TARGET),
                               (M.RESIZES_IN_PROGRESS, F.RESIZES_IN_PROGRESS)):
             g = _gauge(metric)
             g.add_metric([], tot(field))

@@ -24,6 +24,7 @@ import hashlib
 import heapq
 import os
 import random
+import resource
 import selectors
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 
 import pycurl
 
+from .autotune import Observation, TransferTuner, TuneConfig
 from .config import FetchConfig
 from .errors import RETRYABLE, Reason, reason_for_curl, reason_for_status
 from .proc import pipeline_child
@@ -53,6 +55,17 @@ _MAX_WAIT_S = 0.2
 _RECV_BUFFER_BYTES = 256 * 1024
 #: what the state DB records as the MD5 of a body that was not kept (failed transfers)
 _EMPTY_MD5 = hashlib.md5(b"").hexdigest()
+#: descriptors kept for everything that is not a connection (pipes, epoll, the DB, libs)
+_SPARE_FDS = 128
+#: share of the --ring-mb cap bodies in flight may take (so it caps the target); the rest is
+#: for bodies waiting downstream for workers
+_IN_FLIGHT_SHARE = 0.75
+#: seconds of the workers' work that may wait downstream before the fetcher stops starting
+_DOWNSTREAM_S = 1.0
+#: shrink the ring's memory when its usable size fell this much since the last time...
+_TRIM_RATIO = 0.75
+#: ...but not more often than this
+_TRIM_EVERY_S = 5.0
 
 
 class FetchJob(NamedTuple):
@@ -164,13 +177,17 @@ class Fetcher:
         self.stats = stats
         n = max(1, cfg.fetchers)
         self.host_cap = max(1, -(-cfg.max_host_connections // n))
-        self.transfers = max(1, cfg.transfers)
+        # Connections beyond the descriptors we may open would fail as "connect" errors.
+        self.connection_cap = max(1, min(-(-cfg.max_connections // n), _raise_fd_limit() - _SPARE_FDS))
+        # Transfers in flight: a target found while running (engine.autotune), --transfers its cap.
+        self.tuner = TransferTuner(TuneConfig(cap=max(1, cfg.transfers)), share=1.0 / n)
+        self.transfers = self.tuner.target
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._socket_cb)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._timer_cb)
-        self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, max(1, -(-cfg.max_connections // n)))
+        self.multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, self.connection_cap)
         self.multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self.host_cap)
-        self.multi.setopt(pycurl.M_MAXCONNECTS, max(16, -(-cfg.max_connections // n)))
+        self.multi.setopt(pycurl.M_MAXCONNECTS, max(16, self.connection_cap))
         self.sel = selectors.EpollSelector()
         self.sel.register(conn.fileno(), selectors.EVENT_READ, data=None)
         self.timer_due: float | None = None
@@ -192,7 +209,13 @@ class Fetcher:
         # a body larger than its reservation takes more slots as it arrives.
         self.mean_body_bytes = 256 * 1024.0
         self.reserve_cap = max(1, len(slots) // 8)
+        # The segment holds --ring-mb per fetcher; the part we let ourselves use follows the
+        # transfer target (_tune), so memory follows what the run needs, not the cap.
+        self.usable = len(slots)
         self.downstream_cap = max(1, len(slots) // 4)
+        self.trimmed_at = len(slots)  # largest usable size since memory was last given back
+        self.next_trim = 0.0
+        self._resize_ring()
         self.handles: list[pycurl.Curl] = []
         self.outstanding_want = 0
         self.stopping = False
@@ -388,6 +411,7 @@ class Fetcher:
         elapsed = time.monotonic() - a.t_start
         self.stats.add(F.TRANSFERS_DONE)
         self.stats.observe(HIST_DOWNLOAD_BASE, elapsed)
+        self.tuner.transfer_done(elapsed)
         reason: Reason | None
         detail = ""
         if errno:
@@ -514,6 +538,10 @@ class Fetcher:
         # seconds of decoding queued, and more would only grow every process's footprint.
         if self.downstream > self.downstream_cap:
             return
+        # Room within the usable ring; when none of our slots is in use anything that fits
+        # the free list may start (a body larger than the usable ring must not wait forever).
+        in_use = len(self.slot_range) - len(self.free)
+        room = self.usable - in_use if in_use else len(self.free)
         while budget > 0 and order and skipped < len(order) and self.free and not self.paused_n:
             host = order[0]
             q = self.queues[host]
@@ -524,7 +552,7 @@ class Fetcher:
                 continue
             a = q[0]
             want = self._slots_to_reserve(a)
-            if want > len(self.free):
+            if want > len(self.free) or want > room:
                 break  # the ring is spoken for: wait until bodies move on
             q.popleft()
             self.queued -= 1
@@ -536,6 +564,7 @@ class Fetcher:
             if a.job.local_path and self._load_local(a):
                 continue
             a.slots.extend(self.free.pop() for _ in range(want))
+            room -= want
             self._start(a)
             budget -= 1
 
@@ -549,6 +578,63 @@ class Fetcher:
         size = a.job.expected_size or int(self.mean_body_bytes)
         want = min(slots_needed(size, self.slab.slot_bytes), self.reserve_cap)
         return max(0, want - len(a.slots))
+
+    # -- how many in flight (engine.autotune) ------------------------------------------
+    def _tune(self, now: float) -> None:
+        if not self.tuner.due(now):
+            return
+        done, busy_s = self.stats.workers_processing()
+        self.transfers = self.tuner.update(
+            Observation(
+                now=now,
+                workers=self.stats.layout.workers,
+                workers_busy_s=busy_s,
+                workers_done=done,
+                bodies_waiting=int(self.stats.m[0, F.QUEUED_BODIES]),
+                in_flight=len(self.active),
+                memory_limit=max(1, int(len(self.slot_range) * _IN_FLIGHT_SHARE / self._slots_per_body())),
+                connection_limit=self.connection_cap,
+            )
+        )
+        self._resize_ring()
+        self.stats.set(F.TRANSFERS_TARGET, self.transfers)
+        self.stats.set(F.OWNED_SLOTS, self.usable)
+        self.trimmed_at = max(self.trimmed_at, self.usable)  # the peak since memory was last given back
+        if self.usable < self.trimmed_at * _TRIM_RATIO and now >= self.next_trim:
+            self._trim(now)
+
+    def _slots_per_body(self) -> float:
+        # a body fills its last slot half on average
+        return max(1.0, self.mean_body_bytes / self.slab.slot_bytes + 0.5)
+
+    def _resize_ring(self) -> None:
+        """The usable ring: the target's bodies in flight, plus room for bodies waiting downstream.
+
+        Downstream room: a third of the in-flight part, and at least a second of the workers'
+        work (bodies that arrived while the workers were busy are what keeps them busy next).
+        """
+        spb = self._slots_per_body()
+        flight = self.transfers * spb
+        rate = self.tuner.workers_rate or 0.0
+        down = max(flight / 3, rate * self.tuner.share * _DOWNSTREAM_S * spb, 8 * spb)
+        n = len(self.slot_range)
+        self.downstream_cap = max(1, min(n // 4, int(down)))
+        self.usable = max(1, min(n, int(flight) + self.downstream_cap))
+
+    def _trim(self, now: float) -> None:
+        """Give back the memory of free slots the smaller usable ring will not reach.
+
+        The free list is a stack: the slots taken next are at its top, so the ones at the
+        bottom, beyond the room the usable size leaves, are cold (their pages may still hold
+        old bodies).
+        """
+        in_use = len(self.slot_range) - len(self.free)
+        keep = max(0, self.usable - in_use)
+        cold = len(self.free) - keep
+        if cold > 0:
+            self.slab.release(self.free[:cold])
+        self.trimmed_at = self.usable
+        self.next_trim = now + _TRIM_EVERY_S
 
     def _unpark(self) -> None:
         now = time.monotonic()
@@ -587,7 +673,7 @@ class Fetcher:
         self._enqueue(victim)
 
     def _want_more(self) -> None:
-        target = 2 * self.transfers
+        target = 2 * self.transfers  # rows in hand: the transfers in flight and as many queued
         held = self.queued + len(self.active) + len(self.parked) + self.outstanding_want
         if held < target and not self.stopping:
             n = target - held
@@ -627,7 +713,7 @@ class Fetcher:
 
     def run(self) -> None:
         stats = self.stats
-        stats.set(F.OWNED_SLOTS, len(self.slot_range))
+        self._tune(time.monotonic())  # the caps and the memory limit bind from the start
         self._want_more()
         while not self.stopping:
             now = time.monotonic()
@@ -653,6 +739,7 @@ class Fetcher:
                 self.timer_due = None
                 self._action(pycurl.SOCKET_TIMEOUT, 0)
             self._read_done()
+            self._tune(now)
             self._unpark()
             self._resume_paused()
             self._start_more()
@@ -664,12 +751,26 @@ class Fetcher:
             self.dl_bytes = 0
             stats.set(F.DOWNLOADS_IN_PROGRESS, len(self.active))
             stats.set(F.PARKED, len(self.parked) + self.queued)
-            stats.set(F.FREE_SLOTS, len(self.free))
+            # the ring as the UIs show it: the usable part (the segment is sized for the cap)
+            stats.set(F.FREE_SLOTS, max(0, len(self.free) - (len(self.slot_range) - self.usable)))
             stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
             self.board.publish(self.active.values(), now)
         for c in list(self.active):
             self._release(c)
         self.multi.close()
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (often 1,024 vs 1M); returns the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def fetcher_main(

@@ -41,6 +41,16 @@ through: a JPEG needs an EOI marker after its last scan (libjpeg may finish the 
 without reading on) and a PNG needs its IEND chunk. With no variants the image is still
 decoded fully (JPEG at 1/8 scale: every scan is still entropy-decoded).
 
+JPEG fast path
+--------------
+A plain JPEG (8-bit YCbCr or grayscale, baseline or progressive, no ICC profile or an sRGB
+one) is decoded with libjpeg-turbo at the smallest DCT scale that serves every variant,
+resized with OpenCV and encoded with libjpeg-turbo (:mod:`engine.jpegfast`): about half
+the CPU of the libvips path. libjpeg-turbo runs in strict mode, so a file it rejects or
+warns about gets no output from the fast path and goes through libvips as every other
+image does: the policy above, reasons and warning counts included, is the libvips path's.
+``PipelineConfig.jpeg_fast_path=False`` sends everything to libvips.
+
 Colour
 ------
 Outputs are plain 8-bit sRGB without an embedded profile, 3 bands (grayscale becomes
@@ -90,6 +100,7 @@ os.environ.setdefault("VIPS_CONCURRENCY", "1")
 
 import pyvips  # noqa: E402
 
+from engine import jpegfast  # noqa: E402
 from engine.errors import Reason, RowFailed  # noqa: E402
 from engine.variants import Mode, PipelineConfig, VariantSpec  # noqa: E402
 
@@ -103,6 +114,9 @@ _JPEG_SHRINKS = (8, 4, 2)
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _JPEG_EOI = b"\xff\xd9"
 _JPEG_SOS = b"\xff\xda"
+# The fast path decodes into one array; above this many pixels at the needed DCT scale it
+# leaves the image to libvips, which streams (3 bytes per pixel: 120 MB per worker at most).
+_FAST_MAX_DECODED_PX = 40_000_000
 # Words the decoders use when the data ends early (libjpeg, libpng, nsgif, libvips).
 _TRUNCATION_HINTS = ("premature end of jpeg", "not enough", "unexpected end", "truncat", "end of file", "out of data")
 # Rotation column quarter turns counterclockwise -> libvips clockwise rotation.
@@ -152,6 +166,7 @@ class _WarningCounter(logging.Handler):
 
 _counter: _WarningCounter | None = None
 _decodes = 0
+_fast_decodes = 0
 
 
 def init_worker() -> None:
@@ -165,6 +180,7 @@ def init_worker() -> None:
     global _counter
     pyvips.concurrency_set(1)
     pyvips.cache_set_max(0)
+    jpegfast.init()
     pyvips.operation_block_set("VipsForeignLoad", True)
     for loader in _ALLOWED_LOADERS:
         pyvips.operation_block_set(loader, False)
@@ -179,6 +195,11 @@ def init_worker() -> None:
 def decode_count() -> int:
     """Number of full pixel decodes done by this process (one per processed image)."""
     return _decodes
+
+
+def fast_decode_count() -> int:
+    """How many of :func:`decode_count` went through the JPEG fast path (libjpeg-turbo)."""
+    return _fast_decodes
 
 
 # -- sniffing -------------------------------------------------------------------------------
@@ -380,11 +401,13 @@ def _scan_after_last_eoi(body: bytes) -> bool:
 # -- the pipeline ---------------------------------------------------------------------------
 
 
-def process(body: bytes, cfg: PipelineConfig, *, rotation_deg: float | None = None) -> Processed:
+def process(body: bytes | memoryview, cfg: PipelineConfig, *, rotation_deg: float | None = None) -> Processed:
     """Validate ``body`` and make every variant of ``cfg`` from a single decode.
 
     Raises RowFailed for every rejected image (reasons in the module docstring).
     ``rotation_deg`` is the Open Images Rotation value, used when ``cfg.apply_rotation``.
+    ``body`` may be a memoryview (of the shared-memory slab): it is read, never copied,
+    on the JPEG paths.
     """
     if _counter is None:
         init_worker()
@@ -393,18 +416,26 @@ def process(body: bytes, cfg: PipelineConfig, *, rotation_deg: float | None = No
 
     if not body:
         raise RowFailed(Reason.EMPTY, "zero-byte body")
-    fmt = _sniff(body)
+    fmt = _sniff(bytes(body[:512]))
+    if fmt != "jpeg" and isinstance(body, memoryview):
+        body = bytes(body)  # the byte checks below want bytes, libvips too; JPEG is the hot path
     if fmt == "png":
         if cfg.png == "discard":
             raise RowFailed(Reason.PNG_DISCARDED, "PNG body and --png discard")
         if body.rfind(_PNG_IEND) < 0:
             raise RowFailed(Reason.TRUNCATED, "png: no IEND chunk, the file is cut")
-    elif fmt == "jpeg" and not body.endswith(_JPEG_EOI) and _scan_after_last_eoi(body):
+    elif fmt == "jpeg" and body[-2:] != _JPEG_EOI and _scan_after_last_eoi(bytes(body)):
         # libjpeg does not always read past the last scan's data, so a file cut just before
         # (or inside) its EOI marker can decode "fine" (~10 % of random baseline files). The
         # markers cannot occur inside entropy-coded data (0xFF is always stuffed there).
         raise RowFailed(Reason.TRUNCATED, "jpeg: no EOI marker after the last scan, the file is cut")
     turns = _quarter_turns(rotation_deg) if cfg.apply_rotation else 0
+    if fmt == "jpeg" and cfg.jpeg_fast_path:
+        fast = _fast_jpeg(body, cfg, turns)
+        if fast is not None:
+            return Processed(fast[0], fast[1], fmt, fast[2], 0)
+    if isinstance(body, memoryview):
+        body = bytes(body)  # libvips' loader lookup takes bytes only
     try:
         width, height, outputs = _decode(body, fmt, cfg, turns)
     except pyvips.Error as err:
@@ -414,16 +445,20 @@ def process(body: bytes, cfg: PipelineConfig, *, rotation_deg: float | None = No
     return Processed(width, height, fmt, outputs, _counter.count)
 
 
+def _check_pixels(width: int, height: int, cfg: PipelineConfig) -> None:
+    if width * height > cfg.max_pixels:
+        raise RowFailed(
+            Reason.TOO_MANY_PIXELS, f"{width}x{height} = {width * height} px is over the cap of {cfg.max_pixels}"
+        )
+
+
 def _decode(body: bytes, fmt: str, cfg: PipelineConfig, turns: int) -> tuple[int, int, tuple[Encoded, ...]]:
     """(oriented source width, height, outputs): the header check, then the one decode."""
     global _decodes
     fail_on = "warning" if cfg.strict else "error"
     img = _load(body, fmt, fail_on, cfg.strict)  # header only
     src_w, src_h = img.width, img.height
-    if src_w * src_h > cfg.max_pixels:
-        raise RowFailed(
-            Reason.TOO_MANY_PIXELS, f"{src_w}x{src_h} = {src_w * src_h} px is over the cap of {cfg.max_pixels}"
-        )
+    _check_pixels(src_w, src_h, cfg)
     orientation = img.get("orientation") if img.get_typeof("orientation") else 1
     swap = (orientation in (5, 6, 7, 8)) != (turns % 2 == 1)
     out_w, out_h = (src_h, src_w) if swap else (src_w, src_h)
@@ -514,3 +549,93 @@ def _make_variants(
         results[i] = Encoded(v.name, _EXTENSIONS[out_format[v.name]], data, out.width, out.height)
     return tuple(results[i] for i in range(len(cfg.variants)))
 
+
+
+# -- the JPEG fast path ---------------------------------------------------------------------
+
+
+def _fast_profile_ok(info: jpegfast.JpegInfo) -> bool:
+    """True if the pyvips path would not colour-manage this JPEG (same rules as _colour_plan)."""
+    if info.icc is None:
+        return True
+    header = _icc_header(info.icc)
+    expected = "GRAY" if info.gray else "RGB "
+    if header is None or header[0] != expected:
+        return True  # a profile that does not fit the pixels is ignored
+    return expected == "RGB " and "srgb" in header[1].lower()
+
+
+def _resize_box(mode: Mode, box: tuple[int, int], src: tuple[int, int]) -> tuple[int, int]:
+    """The size libvips' ``thumbnail`` resizes ``src`` to for ``mode`` (before crop or pad).
+
+    Same arithmetic as ``vips_thumbnail_calculate_shrink`` and ``vips_resize``: one shrink
+    factor for both axes (the one that fits, or for fill-crop the one that covers), never
+    below 1 for shrink/pad, never more than an axis has pixels; sizes rounded half up.
+    """
+    (bw, bh), (w, h) = box, src
+    if mode is Mode.FILL_DISTORT:
+        return bw, bh
+    hshrink, vshrink = w / bw, h / bh
+    shrink = min(hshrink, vshrink) if mode is Mode.FILL_CROP else max(hshrink, vshrink, 1.0)
+    return max(1, int(w / min(shrink, w) + 0.5)), max(1, int(h / min(shrink, h) + 0.5))
+
+
+def _fast_jpeg(body: bytes | memoryview, cfg: PipelineConfig, turns: int) -> tuple[int, int, tuple[Encoded, ...]] | None:
+    """The JPEG fast path (:mod:`engine.jpegfast`), or None to leave the body to pyvips.
+
+    Taken for 8-bit YCbCr or grayscale JPEGs, baseline or progressive, with no ICC profile
+    or an sRGB one (what the pyvips path would not colour-manage), that libjpeg-turbo
+    decodes without a single warning. Everything else, including every truncated or
+    damaged file, returns None before any output is made, so the pyvips path gives the
+    validation policy's verdict and warning count exactly as before.
+    """
+    global _decodes, _fast_decodes
+    info = jpegfast.read_header(body)
+    if info is None or not _fast_profile_ok(info):
+        return None
+    _check_pixels(info.width, info.height, cfg)
+    swap = (info.orientation in (5, 6, 7, 8)) != (turns % 2 == 1)
+    out_w, out_h = (info.height, info.width) if swap else (info.width, info.height)
+    if not cfg.variants:
+        if jpegfast.decode(body, 1, 1) is None:  # 1/8 scale: every scan is still entropy-decoded
+            return None
+        _decodes += 1
+        _fast_decodes += 1
+        return out_w, out_h, ()
+    needs = [_needed_scale(v, out_w, out_h) for v in cfg.variants]
+    base_scale = min(max(needs), 1.0)
+    min_w, min_h = math.ceil(info.width * base_scale), math.ceil(info.height * base_scale)
+    if min_w * min_h > _FAST_MAX_DECODED_PX:
+        return None
+    pixels = jpegfast.decode(body, min_w, min_h)
+    if pixels is None:
+        return None
+    _decodes += 1
+    _fast_decodes += 1
+    base = jpegfast.orient(pixels, info.orientation, turns)
+    del pixels
+    # Resize targets come from the source size, as libvips computes them, not from the
+    # DCT-scaled size: both paths give the same output sizes. Each variant is made from the
+    # smallest shrink result so far that still has its resolution (1024 -> 512 -> 256).
+    views = [base]
+    order = sorted(range(len(cfg.variants)), key=lambda i: needs[i], reverse=True)
+    results: dict[int, Encoded] = {}
+    for i in order:
+        v = cfg.variants[i]
+        rw, rh = _resize_box(v.mode, (v.width, v.height), (out_w, out_h))
+        source = next((view for view in reversed(views) if view.shape[1] >= rw and view.shape[0] >= rh), base)
+        resized = jpegfast.resize(source, rw, rh)
+        if v.mode in (Mode.SHRINK, Mode.PAD):
+            views.append(resized)
+        if v.mode is Mode.FILL_CROP:
+            resized = jpegfast.crop_centre(resized, v.width, v.height)
+        elif v.mode is Mode.PAD:
+            resized = jpegfast.pad_centre(resized, v.width, v.height, cfg.background_rgb)
+        height, width = resized.shape[:2]
+        if v.format == "jpeg" and not v.progressive:
+            data = jpegfast.encode_jpeg(resized, v.quality, v.subsample)
+        else:  # libjpeg-turbo via simplejpeg writes baseline only; webp/png/avif are libvips' encoders
+            img = pyvips.Image.new_from_memory(resized.data, width, height, 3, "uchar").copy(interpretation="srgb")
+            data = _encode(img, v, v.format)
+        results[i] = Encoded(v.name, _EXTENSIONS[v.format], data, width, height)
+    return out_w, out_h, tuple(results[i] for i in range(len(cfg.variants)))

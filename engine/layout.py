@@ -16,11 +16,15 @@ _SAFE_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 FORMAT_EXT = {"jpeg": "jpg", "png": "png", "webp": "webp", "gif": "gif", "avif": "avif", "heif": "heic", "tiff": "tif"}
 
 
+def validate_variant(variant: str) -> None:
+    if not _SAFE_PART.fullmatch(variant) or variant in (".", "..") or variant.startswith("."):
+        raise ValueError(f"unsafe variant name {variant!r}")
+
+
 def rel_path(variant: str, image_id: str, ext: str, subdirs: bool = True) -> str:
     if not _SAFE.fullmatch(image_id):
         raise ValueError(f"unsafe ImageID {image_id!r}")
-    if not _SAFE_PART.fullmatch(variant) or variant in (".", ".."):
-        raise ValueError(f"unsafe variant name {variant!r}")
+    validate_variant(variant)
     if not ext.isalnum():
         raise ValueError(f"unsafe extension {ext!r}")
     name = f"{image_id}.{ext}"

@@ -28,6 +28,12 @@ DOWNLOADED_BYTES = Metric("oidl_downloaded_bytes_total", "counter", "Body bytes 
 WRITTEN_BYTES = Metric("oidl_written_bytes_total", "counter", "Bytes written to files under --out.")
 FILES_WRITTEN = Metric("oidl_files_written_total", "counter", "Files written under --out (variants and originals).")
 DOWNLOADS_IN_PROGRESS = Metric("oidl_downloads_in_progress", "gauge", "Transfers in flight.")
+TRANSFERS_TARGET = Metric(
+    "oidl_transfers_target",
+    "gauge",
+    "Transfers the fetchers now aim to keep in flight: found while running from the measured download time and "
+    "the workers' rate (engine.autotune), capped by --transfers, --ring-mb and the connection caps.",
+)
 RESIZES_IN_PROGRESS = Metric("oidl_resizes_in_progress", "gauge", "Images being decoded/resized by workers.")
 RETRIES = Metric("oidl_retries_total", "counter", "Transfer attempts re-queued after a transient failure.")
 TRANSFERS = Metric("oidl_transfers_total", "counter", "Transfer attempts finished, any outcome.")
@@ -66,6 +72,7 @@ ALL: tuple[Metric, ...] = (
     WRITTEN_BYTES,
     FILES_WRITTEN,
     DOWNLOADS_IN_PROGRESS,
+    TRANSFERS_TARGET,
     RESIZES_IN_PROGRESS,
     RETRIES,
     TRANSFERS,

@@ -213,6 +213,7 @@ class LiveData:
             "retries": tot(F.RETRIES),
             "transfers_done": tot(F.TRANSFERS_DONE),
             "downloads_in_progress": tot(F.DOWNLOADS_IN_PROGRESS),
+            "transfers_target": tot(F.TRANSFERS_TARGET),
             "resizes_in_progress": tot(F.RESIZES_IN_PROGRESS),
             "reasons": {r: n for r, n in reason_counts(m).items() if n},
             "queues": {"fetch": tot(F.PARKED), "worker": int(m[: self.layout.cells, F.QUEUED_BODIES].sum()),

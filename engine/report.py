@@ -76,7 +76,8 @@ class PlainReporter:
         return (
             f"[{human_duration(elapsed):>6}] {progress} | ok {ok} failed {failed} skipped {skipped} | "
             f"{ips:.1f} img/s | net {human_bytes(net)}/s | disk {human_bytes(disk)}/s | "
-            f"downloading {stats.total(F.DOWNLOADS_IN_PROGRESS)} resizing {stats.total(F.RESIZES_IN_PROGRESS)}"
+            f"downloading {stats.total(F.DOWNLOADS_IN_PROGRESS)} (target {stats.total(F.TRANSFERS_TARGET)}) "
+            f"resizing {stats.total(F.RESIZES_IN_PROGRESS)}"
         )
 
     def tick(self, stats: Stats) -> None:

@@ -37,7 +37,7 @@ _SEGMENT_RE = re.compile(r"^oidl-(\d+)-[0-9a-f]+$")
 class RingConfig:
     slot_bytes: int = 64 * 1024
     #: slots owned by each fetcher for downloaded bodies
-    fetch_slots: int = 4096  # 256 MiB of address space per fetcher; touched only as used
+    fetch_slots: int = 8192  # 512 MiB of address space per fetcher (a cap); touched only as used
     #: slots owned by each worker for encoded outputs
     worker_slots: int = 1024  # 64 MiB per worker
 
@@ -122,6 +122,16 @@ class Slab:
                 break
         return b"".join(parts)
 
+    def body(self, slots: Sequence[int], nbytes: int) -> memoryview | bytes:
+        """A body to read in place: a view of the slab when its slots are consecutive
+        (ascending), so it reaches the decoder without a copy; else one joined copy."""
+        first = slots[0]
+        need = slots_needed(nbytes, self.slot_bytes)
+        if all(slots[i] == first + i for i in range(1, need)):
+            off = first * self.slot_bytes
+            return self.buf[off : off + nbytes]
+        return self.read(slots, nbytes)
+
     def chunks(self, slots: Sequence[int], nbytes: int) -> Iterable[memoryview]:
         """Zero-copy views of a body, in order (the writer writes them straight to a file)."""
         sb = self.slot_bytes
@@ -150,6 +160,33 @@ class Slab:
                 return
             self._madvise(mmap.MADV_DONTNEED, s * sb, min(sb, left))
             left -= sb
+
+    def release(self, slots: Iterable[int]) -> int:
+        """Give free slots' memory back to the system; returns the madvise calls made.
+
+        Unlike forget(), MADV_REMOVE punches the pages out of the segment itself (tmpfs), for
+        every process: only for slots nobody holds. The segment is sized for the --ring-mb cap;
+        this is how the part the fetcher stops using (engine.autotune) stops costing memory.
+        A later write simply faults in zeroed pages again.
+        """
+        remove = getattr(mmap, "MADV_REMOVE", None)
+        if self._madvise is None or remove is None:
+            return 0
+        sb = self.slot_bytes
+        calls = 0
+        run_start = run_end = -1
+        for s in sorted(slots):
+            if s == run_end:
+                run_end += 1
+                continue
+            if run_start >= 0:
+                self._madvise(remove, run_start * sb, (run_end - run_start) * sb)
+                calls += 1
+            run_start, run_end = s, s + 1
+        if run_start >= 0:
+            self._madvise(remove, run_start * sb, (run_end - run_start) * sb)
+            calls += 1
+        return calls
 
     def close(self) -> None:
         self.buf = None  # type: ignore[assignment]

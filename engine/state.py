@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-SCHEMA_VERSION = 2  # 2: lists.error_reason, error_line, error_detail
+SCHEMA_VERSION = 3  # 2: lists.error_reason, error_line, error_detail; 3: outputs.shard_offset, shards
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -54,11 +54,20 @@ CREATE INDEX IF NOT EXISTS images_status ON images(status, reason);
 CREATE TABLE IF NOT EXISTS outputs (
     image_id TEXT NOT NULL,
     variant  TEXT NOT NULL,            -- 'original' or the variant's name (its directory)
-    path     TEXT NOT NULL,            -- relative to --out
+    path     TEXT NOT NULL,            -- relative to --out: the file, or the shard holding the image
     bytes    INTEGER NOT NULL,
     width    INTEGER,
     height   INTEGER,
+    shard_offset INTEGER,              -- NULL for a file; in a shard: tar data offset, TFRecord record offset, parquet row
     PRIMARY KEY (image_id, variant)
+);
+CREATE TABLE IF NOT EXISTS shards (
+    path       TEXT PRIMARY KEY,       -- relative to --out, e.g. 256/00007.tar
+    variant    TEXT NOT NULL,
+    format     TEXT NOT NULL,          -- webdataset | tfrecord | parquet
+    images     INTEGER NOT NULL,
+    bytes      INTEGER NOT NULL,
+    created_at REAL NOT NULL
 );
 """
 
@@ -70,6 +79,7 @@ class OutputRow:
     nbytes: int
     width: int | None
     height: int | None
+    offset: int | None = None  # where in its shard (None for a file)
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,7 @@ _ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("lists", "error_reason", "TEXT"),
     ("lists", "error_line", "INTEGER"),
     ("lists", "error_detail", "TEXT"),
+    ("outputs", "shard_offset", "INTEGER"),
 )
 
 
@@ -163,10 +174,15 @@ def finished_ids(conn: sqlite3.Connection, ids: Sequence[str], *, include_failed
     return out
 
 
-def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow]) -> None:
-    """One transaction for a batch: images upserted, their outputs replaced."""
+def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow], shards: Iterable = ()) -> None:
+    """One transaction for a batch: images upserted, their outputs replaced, and the shards
+    (``engine.sinks.shards.ShardRecord``) that hold them recorded in the same commit."""
     now = time.time()
     with conn:
+        conn.executemany(
+            "INSERT OR REPLACE INTO shards(path, variant, format, images, bytes, created_at) VALUES (?,?,?,?,?,?)",
+            [(s.path, s.variant, s.format, s.images, s.nbytes, now) for s in shards],
+        )
         for r in rows:
             conn.execute(
                 "INSERT INTO images(image_id, status, reason, detail, url, bytes, md5, width, height, format,"
@@ -197,9 +213,15 @@ def write_batch(conn: sqlite3.Connection, rows: Iterable[ImageRow]) -> None:
             conn.execute("DELETE FROM outputs WHERE image_id=?", (r.image_id,))
             if r.outputs:
                 conn.executemany(
-                    "INSERT INTO outputs(image_id, variant, path, bytes, width, height) VALUES (?,?,?,?,?,?)",
-                    [(r.image_id, o.variant, o.path, o.nbytes, o.width, o.height) for o in r.outputs],
+                    "INSERT INTO outputs(image_id, variant, path, bytes, width, height, shard_offset)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    [(r.image_id, o.variant, o.path, o.nbytes, o.width, o.height, o.offset) for o in r.outputs],
                 )
+
+
+def shard_paths(conn: sqlite3.Connection) -> set[str]:
+    """Paths of every committed shard (a ``.part`` file not named here was never committed)."""
+    return {r[0] for r in conn.execute("SELECT path FROM shards")}
 
 
 def status_counts(conn: sqlite3.Connection) -> dict[tuple[str, str | None], int]:

@@ -39,12 +39,13 @@ class F(enum.IntEnum):
     RESIZES_IN_PROGRESS = 10  # gauge
     PARKED = 11  # gauge: rows waiting for a retry or a host slot
     FREE_SLOTS = 12  # gauge: free ring slots owned by this process
-    OWNED_SLOTS = 13  # gauge: ring slots owned by this process
+    OWNED_SLOTS = 13  # gauge: ring slots owned by this process (a fetcher: the part its transfer target uses)
     EXPECTED = 14  # gauge (supervisor): rows in the run's lists, -1 while counting
     QUEUED_BODIES = 15  # gauge (supervisor): bodies waiting for a worker
     QUEUED_WRITES = 16  # gauge (supervisor): records waiting for the writer
     PID = 17  # the process id owning this row (0 = unused)
     HEARTBEAT_MS = 18  # monotonic ms of the last loop iteration (liveness)
+    TRANSFERS_TARGET = 19  # gauge (fetchers): transfers the fetcher now keeps in flight (engine.autotune)
 
 
 N_FIXED = len(F)
@@ -57,6 +58,7 @@ _HIST_LEN = len(HIST_BUCKETS_S) + 2
 HIST_DOWNLOAD_BASE = REASON_BASE + len(ALL_REASONS)
 HIST_PROCESS_BASE = HIST_DOWNLOAD_BASE + _HIST_LEN
 N_FIELDS = HIST_PROCESS_BASE + _HIST_LEN
+_PROCESS_SUM_US = HIST_PROCESS_BASE + len(HIST_BUCKETS_S) + 1
 _REASON_INDEX = {r: i for i, r in enumerate(ALL_REASONS)}
 
 
@@ -139,7 +141,7 @@ class Stats:
         if s._r is not None:
             # A restarted process takes over its predecessor's row: keep the counters
             # (they are totals for the run), reset the gauges it owned.
-            for g in (F.DOWNLOADS_IN_PROGRESS, F.RESIZES_IN_PROGRESS, F.PARKED, F.FREE_SLOTS):
+            for g in (F.DOWNLOADS_IN_PROGRESS, F.RESIZES_IN_PROGRESS, F.PARKED, F.FREE_SLOTS, F.TRANSFERS_TARGET):
                 s._r[g] = 0
             s._r[F.PID] = os.getpid()
         return s
@@ -172,6 +174,11 @@ class Stats:
     def supervisors_total(self, field: int) -> int:
         """A supervisor gauge (queues) summed over the cells."""
         return int(self.m[: self.layout.cells, field].sum())
+
+    def workers_processing(self) -> tuple[int, float]:
+        """Images processed and processing seconds, summed over the workers (run totals)."""
+        rows = self.m[2 * self.layout.cells + self.layout.fetchers :]
+        return int(rows[:, F.IMAGES_PROCESSED].sum()), float(rows[:, _PROCESS_SUM_US].sum()) / 1e6
 
     @property
     def buf(self) -> memoryview:

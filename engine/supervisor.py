@@ -113,6 +113,8 @@ class _Row:
     #: computed by the worker where the bytes are hot anyway (workers multiply with --procs)
     md5_expected: str | None = None
     md5: str | None = None
+    #: in an open shard: its slots are free again, its row not committed yet (sharded formats)
+    released: bool = False
 
 
 @dataclass
@@ -236,6 +238,7 @@ class Supervisor:
         self.stop_signal = 0
         self.fatal: str | None = None
         self.skipped = 0
+        self.in_shards = 0  # rows released into open shards, not committed yet
         self.ok = 0
         self.failed = 0
         self.reasons: dict[str, int] = {}
@@ -509,12 +512,29 @@ class Supervisor:
         for owner, ss in by_owner.items():
             self._send(children[owner], ("slots", ss))
 
+    def _released(self, seqs: list[int]) -> None:
+        """The writer has the rows' bytes in an open shard: free their slots, keep the rows
+        (in by_id, so a duplicate ImageID still waits) until the shard is committed."""
+        for seq in seqs:
+            r = self.rows.get(seq)
+            if r is None or r.released:
+                continue
+            self._release_body(r)
+            if r.decoded and r.decoded.outputs:
+                slots = tuple(s for o in r.decoded.outputs for s in o.slots)
+                self._return_slots(slots, self.worker_ranges, self.workers)
+            r.decoded = None
+            r.released = True
+            self.in_shards += 1
+
     def _written(self, seqs: list[int]) -> None:
         for seq in seqs:
             r = self.rows.pop(seq, None)
             if r is None:
                 continue
             self.by_id.pop(self._key(r.row), None)
+            if r.released:
+                self.in_shards -= 1
             self._release_body(r)
             if r.decoded and r.decoded.outputs:
                 slots = tuple(s for o in r.decoded.outputs for s in o.slots)
@@ -664,8 +684,20 @@ class Supervisor:
             self.writer = self._spawn_writer()
             self.writer.restarts = old.restarts
             self._watch(self.writer, "writer", 0)
-            resend = [self.rows[s].record for s in sorted(old.holds) if s in self.rows]
-            self.to_writer = [rec for rec in resend if rec is not None] + self.to_writer
+            resend = []
+            for seq in sorted(old.holds):
+                r = self.rows.get(seq)
+                if r is None:
+                    continue
+                if r.released:
+                    # its bytes died with the writer's open shard: fetch it again
+                    r.released = False
+                    self.in_shards -= 1
+                    r.body = r.info = r.record = None
+                    self.refeed.append(seq)
+                elif r.record is not None:
+                    resend.append(r.record)
+            self.to_writer = resend + self.to_writer
 
     # -- main loop ----------------------------------------------------------------------
     def _handle_signal(self, signum: int, frame: object) -> None:
@@ -679,7 +711,8 @@ class Supervisor:
             )
 
     def _outstanding(self) -> bool:
-        return bool(self.rows) or bool(self.to_writer)
+        # rows in open shards are the writer's: it commits them when it is told to stop
+        return len(self.rows) > self.in_shards or bool(self.to_writer)
 
     def run(self) -> RunSummary:
         t0 = time.monotonic()
@@ -748,6 +781,8 @@ class Supervisor:
                                 self._on_worker(idx, msg)
                             elif msg[0] == "written":
                                 self._written(msg[1])
+                            elif msg[0] == "released":
+                                self._released(msg[1])
                             elif msg[0] == "fatal":
                                 self.fatal = msg[1]
                         if not child.readable():
@@ -774,7 +809,7 @@ class Supervisor:
     def _update_gauges(self) -> None:
         s = self.stats
         s.set(F.QUEUED_BODIES, len(self.bodies))
-        s.set(F.QUEUED_WRITES, len(self.writer.holds) if self.writer else 0)
+        s.set(F.QUEUED_WRITES, len(self.writer.holds) - self.in_shards if self.writer else 0)
         s.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
 
     def _shutdown(self) -> None:
@@ -795,6 +830,8 @@ class Supervisor:
                     for msg in self.writer.conn.recv():
                         if msg[0] == "written":
                             self._written(msg[1])
+                        elif msg[0] == "released":
+                            self._released(msg[1])
                         elif msg[0] == "fatal":
                             self.fatal = msg[1]
             except (EOFError, OSError):

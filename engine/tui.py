@@ -80,6 +80,7 @@ def _rates(v: dict, fill: int) -> Panel:
         ("downloaded", human_bytes(v["downloaded_bytes"])),
         ("written", human_bytes(v["written_bytes"])),
         ("downloading", str(v["downloads_in_progress"])),
+        ("target", str(v["transfers_target"])),
         ("resizing", str(v["resizes_in_progress"])),
         ("retries", str(v["retries"])),
     ], fill=fill), title="rates", border_style="blue")
@@ -150,7 +151,7 @@ def _recent_failed(v: dict, rows: int, width: int) -> Panel:
 
 def build(v: dict, height: int = 50, width: int = 160) -> Group:
     """The whole screen for one view (pure: testable without a terminal); lists get the rows that fit."""
-    mid_fill = max(8, len(v["processes"]) + 1, len(v["rings"]) + 3)
+    mid_fill = max(9, len(v["processes"]) + 1, len(v["rings"]) + 3)
     bottom = max(8, height - 4 - (mid_fill + 2))
     half = max(1, (bottom - 6) // 2)
     col = width // 2

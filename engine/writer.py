@@ -1,23 +1,32 @@
 """Step 4 of the data flow: the writer process.
 
-It receives finished rows from the supervisor, writes their files straight from the slab
-(originals from the fetcher's slots, variants from the worker's), and records the rows in the
-state DB, in batches: many files, then one transaction. Order matters for crash safety:
+It receives finished rows from the supervisor, writes their outputs straight from the slab
+(originals from the fetcher's slots, variants from the worker's) through a sink
+(:mod:`engine.sinks`: loose files, or webdataset / TFRecord / parquet shards), and records the
+rows in the state DB, in batches. Order matters for crash safety:
 
-1. each file is written under ``--out/.oidl-tmp/`` and renamed into place, so no reader ever
-   sees a half-written file;
-2. only then is the batch committed to the DB, so a row marked ``ok`` always has its files;
-3. only after the commit are the rows acknowledged, so the supervisor frees their slots.
+- ``--format files``: each file is written under ``--out/.oidl-tmp/`` and renamed into place;
+  only then is the batch committed, so a row marked ``ok`` always has its files; only after
+  the commit are the rows acknowledged (``written``), so the supervisor frees their slots.
+- sharded formats: a row's samples are appended to the open shards (``.part`` files) and the
+  row is acknowledged as ``released`` (its slots can be reused: the bytes are in the file) but
+  not committed. When the shard group is cut, the shards are completed and fsynced, their
+  rows committed in one transaction, the shards renamed to their final names, and the rows
+  acknowledged as ``written`` (see :mod:`engine.sinks.shards`).
 
-A crash between 1 and 2 leaves files whose rows are not finished: the next run redoes them
-and the rename replaces the files. Leftover temporary files are deleted at the next start.
+A crash leaves at most files or open shards whose rows are not committed: the next run
+redoes those rows. Leftover temporary files are deleted (or, for a shard the DB already
+counts, published) at the next start.
+
+Annotations (``--annotations``) are looked up in a thread of this process as soon as rows
+arrive, one query per table per message, so the lookup overlaps the batch's wait and writes.
 """
 
 from __future__ import annotations
 
-import os
 import select
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from dataclasses import replace
@@ -26,15 +35,14 @@ from typing import NamedTuple
 from . import state
 from .board import Board
 from .config import OutputConfig
-from .layout import FORMAT_EXT, ORIGINAL, rel_path
+from .layout import FORMAT_EXT, ORIGINAL
 from .proc import pipeline_child
 from .ring import Slab
+from .sinks import open_sinks
+from .sinks.annotations import AnnotationsError, ImageAnnotations
+from .sinks.base import Sample, document
 from .stats import F, Role, Stats, StatsLayout
 from .worker import OutputRef
-
-
-#: slices per writev call (Linux's IOV_MAX is 1024)
-_IOV_GROUP = 512
 
 
 class WriteRecord(NamedTuple):
@@ -50,75 +58,135 @@ class Writer:
         self.cfg = cfg
         self.slab = slab
         self.stats = stats
-        # plain strings: a Path join per file cost more than the Python around the syscalls
-        self.out = str(cfg.out_dir)
         cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_prefix = os.path.join(str(cfg.tmp_dir), f"{os.getpid()}-")
         self.db = state.connect(cfg.db_path)
-        self.made_dirs: set[str] = set()
-        self.counter = 0
+        self.columns = {lid: cols for lid, (_, _, cols) in state.lists(self.db).items()}
         self.board = Board.of(stats).writer(index)
+        self.sinks = open_sinks(cfg, self.db)
+        self.ann = self.sinks.annotations
+        # one thread: the annotations DB connection is used from it only
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="oidl-annotations") if self.ann else None
+        self.lookups: list[Future] = []
+        #: rows in the open shards: written to disk, acknowledged as released, not committed
+        self.open_rows: list[tuple[int, state.ImageRow]] = []
 
-    def _write_file(self, rel: str, ref: OutputRef) -> int:
-        parent = os.path.dirname(rel)
-        if parent not in self.made_dirs:
-            os.makedirs(os.path.join(self.out, parent), exist_ok=True)
-            self.made_dirs.add(parent)
-        self.counter += 1
-        tmp = f"{self.tmp_prefix}{self.counter}.part"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            # one writev per body (an original spans ~5 slots), in groups under IOV_MAX
-            views = list(self.slab.chunks(ref.slots, ref.nbytes))
-            for i in range(0, len(views), _IOV_GROUP):
-                group = views[i : i + _IOV_GROUP]
-                done = os.writev(fd, group)
-                want = sum(len(v) for v in group)
-                if done < want:  # a short write (rare on a regular file): finish it
-                    rest = memoryview(b"".join(group))[done:]
-                    while rest:
-                        rest = rest[os.write(fd, rest):]
-            del views
-            if self.cfg.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.slab.forget(ref.slots, ref.nbytes)
-        os.replace(tmp, os.path.join(self.out, rel))
-        return ref.nbytes
+    def prefetch(self, records: list[WriteRecord]) -> None:
+        """Start looking up the annotations of rows that just arrived."""
+        if self.pool is not None:
+            ids = [r.row.image_id for r in records if r.row.status == "ok"]
+            if ids:
+                self.lookups.append(self.pool.submit(self.ann.lookup, ids))
 
-    def _apply(self, rec: WriteRecord) -> state.ImageRow:
+    def _annotations(self) -> dict[str, ImageAnnotations]:
+        out: dict[str, ImageAnnotations] = {}
+        for fut in self.lookups:
+            out.update(fut.result())
+        self.lookups = []
+        return out
+
+    def _samples(self, rec: WriteRecord, ann: ImageAnnotations | None) -> list[tuple[Sample, OutputRef]]:
         row = rec.row
-        if row.status != "ok":
-            return row
-        outs: list[state.OutputRow] = []
-        written = 0
-        subdirs = self.cfg.subdirs
-        if rec.original is not None:
-            o = rec.original
-            rel = rel_path(ORIGINAL, row.image_id, o.ext, subdirs)
-            written += self._write_file(rel, o)
-            outs.append(state.OutputRow(ORIGINAL, rel, o.nbytes, row.width, row.height))
-        for o in rec.outputs:
-            rel = rel_path(o.variant, row.image_id, o.ext, subdirs)
-            written += self._write_file(rel, o)
-            outs.append(state.OutputRow(o.variant, rel, o.nbytes, o.width, o.height))
-        self.stats.add(F.WRITTEN_BYTES, written)
-        self.stats.add(F.FILES_WRITTEN, len(outs))
-        return replace(row, outputs=tuple(outs))
+        refs = ([rec.original] if rec.original is not None else []) + list(rec.outputs)
+        need_doc = self.sinks.needs_document
+        list_row: dict[str, str] = {}
+        rotation = None
+        if need_doc:
+            list_row = dict(zip(self.columns.get(row.list_id or -1, ()), row.fields or ()))
+            try:
+                rotation = float(list_row["Rotation"]) if list_row.get("Rotation") else None
+            except ValueError:
+                rotation = None
+        out = []
+        for ref in refs:
+            fmt = next((k for k, v in FORMAT_EXT.items() if v == ref.ext), ref.ext)
+            doc = document(
+                row.image_id, variant=ref.variant, width=ref.width, height=ref.height, image_format=fmt,
+                source_width=row.width, source_height=row.height, source_format=row.format, rotation=rotation,
+                rotation_applied=self.cfg.rotation_applied and ref.variant != ORIGINAL, url=row.url, md5=row.md5,
+                list_row=list_row, annotations=ann,
+            ) if need_doc else {}
+            chunks = list(self.slab.chunks(ref.slots, ref.nbytes))
+            out.append((Sample(row.image_id, ref.variant, ref.ext, chunks, ref.nbytes, ref.width, ref.height, doc, ann),
+                        ref))
+        return out
+
+    def _cut(self, extra: list[state.ImageRow]) -> list[int]:
+        """Complete the open shards, commit their rows (and ``extra``) with them, publish them."""
+        sealed = self.sinks.shards.seal() if self.sinks.shards else None
+        rows = [r for _, r in self.open_rows] + extra
+        state.write_batch(self.db, rows, sealed.records if sealed else ())
+        if sealed is not None:
+            sealed.publish()
+        seqs = [s for s, _ in self.open_rows]
+        self.open_rows = []
+        return seqs
 
     def flush(self, batch: list[WriteRecord]) -> None:
-        rows = [self._apply(r) for r in batch]
-        state.write_batch(self.db, rows)
-        self.board.finished(rows, time.time())
-        for r in rows:
+        anns = self._annotations()
+        commit: list[state.ImageRow] = []
+        written: list[int] = []
+        released: list[int] = []
+        shown: list[state.ImageRow] = []
+        nbytes = files = 0
+        shards = self.sinks.shards
+        for rec in batch:
+            row = rec.row
+            if row.status != "ok":
+                commit.append(row)
+                written.append(rec.seq)
+                shown.append(row)
+                continue
+            outs = []
+            for sample, ref in self._samples(rec, anns.get(row.image_id)):
+                outs.append(self.sinks.write(sample))
+                self.slab.forget(ref.slots, ref.nbytes)
+                nbytes += ref.nbytes
+            files += len(outs)
+            row = replace(row, outputs=tuple(outs))
+            if shards is None:
+                commit.append(row)
+                written.append(rec.seq)
+                shown.append(row)
+                continue
+            self.open_rows.append((rec.seq, row))
+            released.append(rec.seq)
+            shown.append(replace(row, outputs=()))  # no single file to show in the gallery
+            shards.row_done()
+            if shards.full():
+                written.extend(self._cut(commit))
+                commit = []
+        if commit:
+            state.write_batch(self.db, commit)
+        self.board.finished(shown, time.time())
+        self.stats.add(F.WRITTEN_BYTES, nbytes)
+        self.stats.add(F.FILES_WRITTEN, files)
+        for r in shown:
             if r.status == "ok":
                 self.stats.add(F.IMAGES_OK)
             else:
                 self.stats.add(F.IMAGES_FAILED)
                 if r.reason:
                     self.stats.failed(r.reason)
-        self.conn.send([("written", [r.seq for r in batch])])
+        done = set(written)
+        msgs: list[tuple] = []
+        still_open = [s for s in released if s not in done]
+        if still_open:
+            msgs.append(("released", still_open))
+        if written:
+            msgs.append(("written", written))
+        if msgs:
+            self.conn.send(msgs)
+
+    def finish(self) -> None:
+        """End of the run: the open shards are complete, committed and published."""
+        if self.open_rows:
+            self.conn.send([("written", self._cut([]))])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.sinks.close()
+        self.db.close()
 
     def run(self) -> None:
         batch: list[WriteRecord] = []
@@ -135,11 +203,13 @@ class Writer:
                     if msg[0] == "stop":
                         if batch:
                             self.flush(batch)
+                        self.finish()
                         return
                     if msg[0] == "rec":
                         if not batch:
                             oldest = time.monotonic()
                         batch.extend(msg[1])
+                        self.prefetch(msg[1])
             # one transaction per batch_rows rows or per batch_s seconds, whichever comes first;
             # the run's first rows at once, so the first image shows up without a batch's wait
             if batch and (first or len(batch) >= cfg.batch_rows or time.monotonic() - oldest >= cfg.batch_s):
@@ -154,16 +224,26 @@ def writer_main(
 ) -> None:
     name = "writer" if layout.cells == 1 else f"writer-{index}"
     with pipeline_child(name, slab_name, slot_bytes, layout, Role.WRITER, index) as (slab, stats):
+        writer = None
         try:
-            Writer(conn, cfg, slab, stats, index).run()
+            writer = Writer(conn, cfg, slab, stats, index)
+            writer.run()
         except (EOFError, BrokenPipeError):
             pass  # the supervisor is gone
+        except AnnotationsError as e:
+            try:
+                conn.send([("fatal", f"annotations: {e}")])
+            except OSError:
+                pass
         except OSError as e:
             # Disk full, permissions...: the run cannot continue; say why, once, clearly.
             try:
                 conn.send([("fatal", f"cannot write output: {e}")])
             except OSError:
                 pass
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 def original_ext(fmt: str | None, url: str) -> str:

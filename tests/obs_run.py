@@ -42,8 +42,12 @@ class Run:
 def start_run(tmp_path: Path, items, server, extra: Sequence[str], want: Sequence[str],
               rate_bps: int = SLOW_RATE_BPS) -> Run:
     lst = write_list(tmp_path / "slow.csv", items, server.base_url, rate=str(rate_bps))
-    args = ["run", str(lst), "--out", str(tmp_path / "out"), "--sizes", "128,256", "--procs", "2",
-            "--max-host-connections", str(SLOW_HOST_CONNECTIONS), *extra]
+    return launch(["run", str(lst), "--out", str(tmp_path / "out"), "--sizes", "128,256", "--procs", "2",
+                   "--max-host-connections", str(SLOW_HOST_CONNECTIONS), *extra], want)
+
+
+def launch(args: Sequence[str], want: Sequence[str]) -> Run:
+    """Start ``oidl-engine ARGS`` and wait until it has printed the URLs named in ``want``."""
     proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     urls: dict[str, str] = {}
     run = Run(proc, urls)

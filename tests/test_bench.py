@@ -36,7 +36,11 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert result["server"] == ("nginx" if nginx else "loopback")
     assert ("server_note" in result) == (not nginx)
     scen = result["scenarios"]
-    assert set(scen) == {"one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "scale-out"}
+    assert set(scen) == {"one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "shards", "scale-out"}
+    shards = scen["shards"]
+    for run in (shards["engine"], *shards["files"].values()):
+        assert run["returncode"] == 0 and run["rows"] == {"ok": shards["images"]}, run.get("stderr_tail")
+    assert 0 < shards["ratios"]["webdataset_vs_files"] < 5
 
     for name in ("one-size", "three-sizes", "slow-hosts"):
         r = scen[name]
@@ -53,6 +57,13 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
         assert {"oidl-fetcher", "oidl-worker", "oidl-writer"} <= set(eng["cpu_s_by_role"]), name
         assert 0 < r["ratios"]["engine_vs_ceiling"] < 5, name
     assert scen["one-size"]["ceiling_thumbnail"]["images_per_s"] > 1
+    for name in ("one-size", "three-sizes"):  # the fastest library pipelines and the pyvips-only ceiling
+        r = scen[name]
+        for ceiling in (r["ceiling_pyvips"], *r["fastest_recipes"].values()):
+            assert ceiling["images"] == r["ceiling"]["images"] and ceiling["failed"] == 0, (name, ceiling)
+            assert ceiling["images_per_s"] > 1, (name, ceiling)
+        assert r["fastest"]["mode"] in ("fastest-turbo", "fastest-opencv")
+        assert 0 < r["ratios"]["engine_vs_fastest"] < 5 and 0 < r["ratios"]["engine_vs_pyvips_ceiling"] < 10, name
 
     big = scen["big-list"]
     assert big["rows"] == 20_000
@@ -77,3 +88,4 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
 
     assert 0 < result["peak_rss_mib"] < 4096
     assert "| one-size | engine / ceiling |" in result["table"]
+    assert "| three-sizes | engine / fastest pipeline |" in result["table"]

@@ -31,6 +31,14 @@ def test_body_over_scattered_slots_round_trips() -> None:
             slab.write(slots, body[off : off + 16384], off)
         assert slab.read(slots, len(body)) == body
         assert b"".join(slab.chunks(slots, len(body))) == body
+        scattered = slab.body(slots, len(body))
+        assert isinstance(scattered, bytes) and scattered == body
+        in_order = [3, 4, 5, 6, 11]  # the last slot is beyond the body: only the first four count
+        for off in range(0, len(body), 16384):
+            slab.write(in_order, body[off : off + 16384], off)
+        view = slab.body(in_order, len(body))
+        assert isinstance(view, memoryview) and view == body  # read in place, no copy
+        del view  # a live view would keep the segment from closing
     finally:
         slab.close()
 
@@ -53,3 +61,24 @@ def test_forget_drops_the_readers_pages_not_the_bytes() -> None:
     finally:
         reader.close()
         owner.close()
+
+
+def test_release_gives_free_slots_memory_back_to_the_system() -> None:
+    """What the fetcher does when its transfer target, and so its usable ring, shrinks."""
+    slab = Slab.create(64, SLOT)
+    try:
+        body = os.urandom(SLOT)
+        for s in range(48):
+            slab.write([s], body)
+        allocated = os.stat(f"/dev/shm/{slab.name}").st_blocks * 512
+        assert allocated >= 48 * SLOT
+        # scattered and contiguous slots: one madvise per run of neighbours
+        assert slab.release([3, 1, 2, 10, *range(20, 40)]) == 3
+        after = os.stat(f"/dev/shm/{slab.name}").st_blocks * 512
+        assert allocated - after >= 24 * SLOT, (allocated, after)
+        assert slab.read([0], SLOT) == body and slab.read([47], SLOT) == body  # the others are intact
+        assert slab.read([20], 16) == bytes(16)  # a released slot reads as zeros, and is reusable
+        slab.write([20], body)
+        assert slab.read([20], SLOT) == body
+    finally:
+        slab.close()
