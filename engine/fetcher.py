@@ -180,7 +180,8 @@ class Fetcher:
         # Connections beyond the descriptors we may open would fail as "connect" errors.
         self.connection_cap = max(1, min(-(-cfg.max_connections // n), _raise_fd_limit() - _SPARE_FDS))
         # Transfers in flight: a target found while running (engine.autotune), --transfers its cap.
-        self.tuner = TransferTuner(TuneConfig(cap=max(1, cfg.transfers)), share=1.0 / n)
+        # The workers it measures are the run's (every cell's): its share is 1 / every fetcher.
+        self.tuner = TransferTuner(TuneConfig(cap=max(1, cfg.transfers)), share=1.0 / max(n, stats.layout.fetchers))
         self.transfers = self.tuner.target
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._socket_cb)
@@ -590,7 +591,7 @@ class Fetcher:
                 workers=self.stats.layout.workers,
                 workers_busy_s=busy_s,
                 workers_done=done,
-                bodies_waiting=int(self.stats.m[0, F.QUEUED_BODIES]),
+                bodies_waiting=self.stats.supervisors_total(F.QUEUED_BODIES),  # every cell's
                 in_flight=len(self.active),
                 memory_limit=max(1, int(len(self.slot_range) * _IN_FLIGHT_SHARE / self._slots_per_body())),
                 connection_limit=self.connection_cap,
