@@ -102,7 +102,7 @@ class BenchConfig:
             big_list_run_s=30.0,
             big_list_after_first_s=2.0,
             fetch_images=120,
-            scale_images=96,
+            scale_images=200,
             scale_procs=(2, 5),  # two cells: the structure, not the scale, is what a smoke run checks
             shard_images=24,
             ceiling_sample=12,  # five ceiling modes per resize scenario: keep the smoke run short

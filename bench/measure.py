@@ -236,7 +236,9 @@ def steady_state(progress: Sequence[tuple[float, int, dict[int, tuple[str, float
     processes, the busiest one's CPU ms per image, and the rate at which that one process
     would fill a core (its ceiling).
     """
-    a = next((x for x in progress if x[1] >= lo * total), None)
+    # the last sample at or before lo and the first at or after hi: two samples even when a
+    # short (smoke) run crosses both marks between two of them
+    a = next((x for x in reversed(progress) if x[1] <= lo * total), progress[0] if progress else None)
     b = next((x for x in progress if x[1] >= hi * total), None)
     if a is None or b is None or b[1] <= a[1] or b[0] <= a[0]:
         return None
