@@ -18,8 +18,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description="oidl-engine throughput benchmark")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run scenarios and write JSON + a table of ratios")
-    r.add_argument("--scenario", action="append", choices=(*SCENARIOS, "all"),
-                   help="repeatable; default all")
+    r.add_argument("--scenario", action="append", choices=(*SCENARIOS, "db-import", "all"),
+                   help="repeatable; default all (the image scenarios; db-import runs only when named)")
+    r.add_argument("--db-rows", type=int, default=3_000_000,
+                   help="db-import: rows of the generated boxes file (default %(default)s)")
     r.add_argument("--smoke", action="store_true", help="tiny corpus, seconds: checks the harness, not the engine")
     r.add_argument("--images", type=int, help="images for one-size (default 6000)")
     r.add_argument("--three-sizes-images", type=int, help="images for three-sizes (default 2000)")
@@ -46,6 +48,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _interrupt)
     args = _parser().parse_args(argv)
     scenarios = list(SCENARIOS) if not args.scenario or "all" in args.scenario else list(dict.fromkeys(args.scenario))
+    if "db-import" in scenarios:
+        # its own run: a boxes file and two databases, no image corpus or file server
+        if args.db_rows <= 0:
+            print("error: --db-rows must be positive", file=sys.stderr)
+            return 2
+        from .dbimport import scenario_db_import, table
+
+        work = args.work_dir or RESULTS_DIR / "work"
+        result = scenario_db_import(work / "db-import", args.db_rows, log=lambda m: print(m, flush=True))
+        result["table"] = table(result)
+        where = args.json or RESULTS_DIR / time.strftime("db-import-%Y%m%d-%H%M%S.json")
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_text(json.dumps(result, indent=1))
+        print()
+        print(result["table"])
+        print(f"\nresults: {where}")
+        scenarios.remove("db-import")
+        if not scenarios:
+            return 0
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if args.smoke:
         if args.work_dir is None:

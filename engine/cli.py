@@ -163,6 +163,13 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         "e.g. a JPEG with 'Corrupt JPEG data' warnings)",
     )
     g.add_argument("--durable", action="store_true", help="fsync every file before its row is committed")
+    g.add_argument(
+        "--tmp-dir",
+        type=Path,
+        help="temporary files, renamed into place when complete; must be on the same filesystem as --out. "
+        "The run empties it at start and end, so runs writing into one --out at the same time each need "
+        "their own (default: OUT/.oidl-tmp)",
+    )
 
     g = p.add_argument_group("format and annotations")
     g.add_argument(
@@ -182,7 +189,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         metavar="TARGET",
         help="annotations database (oidl-engine db import: SQLite path or postgresql:// URL): attach each image's "
         "boxes, labels, segmentations (with mask PNGs), relationships and points to its sample; with --format "
-        "files, writes <ImageID>.json beside each image",
+        "files, writes <ImageID>.json beside each image (and the web UI's gallery draws the boxes)",
     )
     g.add_argument("--metadata-dir", type=Path,
                    help="where the release's mask zips are (default: the annotations database's directory)")
@@ -255,6 +262,48 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
     g.add_argument("--web-host", default="127.0.0.1", help="address for --web-port")
     g.add_argument("-v", "--verbose", action="store_true", help="log more")
 
+    g = p.add_argument_group(
+        "Ray cluster (pip install 'oidl-engine[ray]')",
+        "With --ray this machine drives the run and the cluster's nodes do the work: the lists are cut\n"
+        "into shards, each shard runs the engine on one node (its cores, or --procs) writing into --out,\n"
+        "which every node must see at the same path (a shared mount), and the state DB here records\n"
+        "every row. A shard lost with its node, or whose engine fails, is retried; the other options\n"
+        "apply on every node.",
+    )
+    g.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="run over a Ray cluster: 'auto' (the default when ADDRESS is left out: the cluster this machine "
+        "joined with 'ray start'), HOST:PORT of the head, ray://HOST:10001 (Ray Client), or 'local' (start "
+        "Ray on this machine only)",
+    )
+    g.add_argument(
+        "--ray-shard-rows",
+        type=_positive(),
+        default=5000,
+        metavar="N",
+        help="rows per shard (one Ray task): larger shards start the engine less often, smaller ones redo "
+        "less work when a node is lost",
+    )
+    g.add_argument(
+        "--ray-max-retries",
+        type=_nonneg_int,
+        default=3,
+        metavar="N",
+        help="retries of a shard whose node died or whose engine failed; then its rows fail as task_failed",
+    )
+    g.add_argument(
+        "--ray-node-metrics-port",
+        type=_nonneg_int,
+        metavar="PORT",
+        help="each node's engine also serves its own Prometheus /metrics on this port of the node's address "
+        "(the driver's --metrics-port shows the cluster's totals and per-node rates)",
+    )
+    g.add_argument("--ray-dashboard", action="store_true",
+                   help="start Ray's dashboard (only with --ray local; a cluster's is set by 'ray start')")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -275,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=RUN_EXIT_STATUS,
     )
     _add_run_options(run)
+    run.set_defaults(run_parser=run)
 
     demo = sub.add_parser(
         "demo",
@@ -310,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules() -> list:
     """Subcommands that live in their own modules: each has ``COMMANDS``, ``register(sub)`` and ``run(args)``."""
-    from .meta import download
+    from .meta import download, export, importer, select
 
-    return [download]
+    return [download, importer, select, export]
 
 
 def config_from_args(a: argparse.Namespace) -> RunConfig:
@@ -373,6 +423,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
             subdirs=not a.no_subdirs,
             save_originals=a.save_originals,
             durable=a.durable,
+            tmp_path=a.tmp_dir,
             format=a.format,
             shard_rows=a.shard_size,
             shard_bytes=a.shard_bytes,
@@ -406,6 +457,59 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         web_host=a.web_host,
         web_port=a.web_port,
     )
+
+
+#: options the --ray driver handles itself instead of forwarding to the engine on each node
+_DRIVER_ONLY = frozenset({
+    "lists", "out", "db", "tmp_dir", "ui", "metrics_port", "metrics_host", "web_port", "web_host", "verbose",
+    "limit", "retry_failed", "procs", "help", "ray", "ray_shard_rows", "ray_max_retries", "ray_node_metrics_port",
+    "ray_dashboard",
+})
+
+
+def forwarded_args(run_parser: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
+    """The run's options that differ from their defaults, as command-line arguments for each node's engine.
+
+    Built from the parser itself, so an option added to ``run`` later is forwarded without a change here.
+    """
+    out: list[str] = []
+
+    def text(v: object) -> str:
+        if isinstance(v, Path):
+            return str(v.absolute())  # the nodes do not share the driver's working directory
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+    for act in run_parser._actions:
+        if act.dest in _DRIVER_ONLY or not act.option_strings:
+            continue
+        value = getattr(a, act.dest, None)
+        if value is None or value == act.default:
+            continue
+        opt = act.option_strings[-1]
+        if isinstance(act, argparse._StoreTrueAction):
+            out.append(opt)
+        elif isinstance(act, argparse._AppendAction):
+            for v in value:
+                out += [opt, text(v)]
+        else:
+            out += [opt, text(value)]
+    return out
+
+
+def _run_on_ray(a: argparse.Namespace, cfg: RunConfig, argv: Sequence[str]) -> int:
+    from .dist.ray_run import RayConfig, run_on_ray
+
+    explicit_procs = any(x == "--procs" or x.startswith("--procs=") for x in argv)
+    rcfg = RayConfig(
+        address=a.ray,
+        shard_rows=a.ray_shard_rows,
+        max_retries=a.ray_max_retries,
+        dashboard=a.ray_dashboard,
+        cpus_per_task=a.procs if explicit_procs else None,
+        node_metrics_port=a.ray_node_metrics_port,
+        engine_args=tuple(forwarded_args(a.run_parser, a)),
+    )
+    return run_on_ray(cfg, rcfg)
 
 
 def run_engine(cfg: RunConfig) -> int:
@@ -470,6 +574,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = config_from_args(a)
             except ValueError as e:
                 parser.error(str(e))
+            given = sys.argv[1:] if argv is None else list(argv)
+            if a.ray is not None:
+                if cfg.output.sharded:  # every node would number its own tars 00000, 00001, ... in one --out
+                    parser.error(f"--ray writes --format files only (not {cfg.output.format}) for now")
+                return _run_on_ray(a, cfg, given)
+            stray = [x for x in given if x.startswith("--ray-")]
+            if stray:
+                parser.error(f"{stray[0].split('=')[0]} needs --ray")
             return run_engine(cfg)
         if a.command == "demo":
             from .demo import run_demo

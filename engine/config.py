@@ -15,6 +15,9 @@ from . import __version__
 from .ring import RingConfig
 from .variants import PipelineConfig
 
+#: the default temporary directory under --out
+TMP_DIR_NAME = ".oidl-tmp"
+
 USER_AGENT = f"oidl-engine/{__version__} (Open Images downloader; pycurl)"
 
 
@@ -69,6 +72,9 @@ class OutputConfig:
     #: rows per state-DB transaction and the longest a finished row waits to be committed
     batch_rows: int = 256
     batch_s: float = 0.5
+    #: where temporary files go (None: OUT/.oidl-tmp); a run deletes it at start and end, so
+    #: several runs writing into one --out at once (the Ray shards) each need their own
+    tmp_path: Path | None = None
     #: files | webdataset | tfrecord | parquet (engine.sinks)
     format: str = "files"
     #: a shard group is cut at this many images or when one of its shards reaches shard_bytes
@@ -89,7 +95,7 @@ class OutputConfig:
     def tmp_dir(self) -> Path:
         # Temporary files live in one directory on the same filesystem, so a rename makes
         # them appear atomically and a new run can delete leftovers without walking the tree.
-        return self.out_dir / ".oidl-tmp"
+        return self.tmp_path if self.tmp_path is not None else self.out_dir / TMP_DIR_NAME
 
 
 @dataclass(frozen=True)

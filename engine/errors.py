@@ -52,6 +52,7 @@ class Reason(str, enum.Enum):
     # -- engine -------------------------------------------------------------------------
     WORKER_CRASH = "worker_crash"  # the image killed its worker more than once
     INTERNAL = "internal"  # a bug: an unexpected exception, logged with a traceback
+    TASK_FAILED = "task_failed"  # --ray: the row's shard failed on every retry (node lost, engine error)
 
     def __str__(self) -> str:  # so f-strings and CSVs show the short form
         return self.value

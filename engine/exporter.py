@@ -8,6 +8,7 @@ All names and help texts come from :mod:`engine.metrics`.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Callable, Iterator
 
@@ -54,9 +55,11 @@ class EngineCollector(Collector):
             layout, m = data.layout, data.stats.snapshot()
             view = data.view()
             processes = view.get("processes", ())
+            machines = view.get("nodes") or ()
         elif self.holder.layout is not None:
             layout, m = self.holder.layout, blank(self.holder.layout)
             processes = self.holder.procs.sample(m)  # the supervisor and this process exist already
+            machines = ()
         else:
             return
 
@@ -112,6 +115,12 @@ class EngineCollector(Collector):
             used.add_metric([r["ring"], r["process"]], r["used"])
         yield slots
         yield used
+        nodes = _counter(M.NODE_IMAGES)
+        # a --ray driver's nodes; on one host, this host
+        for n in machines or [{"name": socket.gethostname(), "ok": tot(F.IMAGES_OK), "failed": tot(F.IMAGES_FAILED)}]:
+            nodes.add_metric([n["name"], "ok"], n["ok"])
+            nodes.add_metric([n["name"], "failed"], n["failed"])
+        yield nodes
         cpu, rss = _counter(M.PROCESS_CPU), _gauge(M.PROCESS_RSS)
         for p in processes:
             cpu.add_metric([p["name"]], p["cpu_s"])

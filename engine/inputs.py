@@ -274,6 +274,12 @@ def iter_rows(
     return _iter_all(formats, subset, limit, on_broken)
 
 
+def batches(items: Iterator[Row | BadRow], n: int) -> Iterator[list[Row | BadRow]]:
+    """Lists of up to ``n`` consecutive items (one state-DB lookup of finished rows per list)."""
+    while batch := list(itertools.islice(items, n)):
+        yield batch
+
+
 def count_rows(paths: Sequence[str], *, subset: str | None = None) -> int:
     """How many items :func:`iter_rows` yields for these lists (without ``limit``).
 

@@ -60,6 +60,13 @@ HEARTBEAT_AGE = Metric(
     "oidl_process_heartbeat_age_seconds", "gauge",
     "Seconds since a process last went round its loop (since the run started, before its first turn).", ("process",)
 )
+NODE_IMAGES = Metric(
+    "oidl_node_images_total",
+    "counter",
+    "Rows finished per machine, by status: each node of a --ray run as its driver records them (node = IP and "
+    "Ray node id), or this host (node = host name) on one machine.",
+    ("node", "status"),
+)
 START_TIME = Metric("oidl_start_time_seconds", "gauge", "Unix time the run started.")
 BUILD_INFO = Metric("oidl_build_info", "gauge", "Always 1; the engine version is the label.", ("version",))
 
@@ -82,6 +89,7 @@ ALL: tuple[Metric, ...] = (
     ROWS_WAITING,
     RING_SLOTS,
     RING_USED_SLOTS,
+    NODE_IMAGES,
     PROCESS_CPU,
     PROCESS_RSS,
     HEARTBEAT_AGE,

@@ -32,6 +32,7 @@ from typing import Callable
 import psutil
 
 from .board import Board
+from .overlay import BoxLookup
 from .stats import F, Role, Stats, StatsLayout, reason_counts
 
 #: how often the monitor samples the stats for rates, charts and the UIs
@@ -57,6 +58,10 @@ class MonitorConfig:
     web_host: str = "127.0.0.1"
     web_port: int | None = None
     out_dir: Path = Path(".")
+    #: ``--annotations`` with ``--format files``: the gallery draws boxes (engine.overlay)
+    boxes: bool = False
+    #: (variant name, resize mode) of every variant: how boxes map into a gallery file
+    variant_modes: tuple[tuple[str, str], ...] = ()
     #: the run's process counts: every labelled metric has its series from the first scrape
     fetchers: int = 1
     workers: int = 1
@@ -136,8 +141,9 @@ class ProcessTable:
 class LiveData:
     """Reads the shared stats and board; keeps the history the rates and charts need."""
 
-    def __init__(self, stats: Stats, out_dir: Path) -> None:
+    def __init__(self, stats: Stats, out_dir: Path, boxes: BoxLookup | None = None) -> None:
         self.stats = stats
+        self.boxes = boxes
         self.layout = stats.layout
         self.board = Board.of(stats)
         self.out_dir = out_dir
@@ -151,6 +157,9 @@ class LiveData:
         self.history: deque[tuple[float, float, float, float]] = deque(maxlen=int(HISTORY_S / SAMPLE_EVERY_S))
         self.current: dict = {}
         self.gallery: dict[str, str] = {}  # image id -> relative path of its smallest file
+        # rows that stand for whole machines (a --ray driver's nodes): row -> node name
+        self.row_names: dict[int, str] = {}
+        self.node_samples: deque[tuple[float, dict[int, int]]] = deque(maxlen=int(RATE_WINDOW_S / SAMPLE_EVERY_S) + 2)
 
     def _rate(self, window_s: float) -> tuple[float, float, float]:
         s = self.samples
@@ -194,6 +203,7 @@ class LiveData:
             keep = {r["name"] for r in recent_ok}
             self.gallery = {k: v for k, v in self.gallery.items() if k in keep}
         view = {
+            "nodes": self._nodes(m, now),
             "t": time.time(),
             "elapsed_s": now - self.t0,
             "expected": expected if expected >= 0 else None,
@@ -225,10 +235,27 @@ class LiveData:
             "recent_ok": recent_ok,
             "recent_failed": self.board.read_finished(False),
             "point": self.history[-1],
+            "boxes": self.boxes is not None,
         }
         with self.lock:
             self.current = view
         return view
+
+    def _nodes(self, m, now: float) -> list[dict]:  # noqa: ANN001 - the stats matrix
+        """Per-node totals and images/s over the rate window (rows named by the Ray driver)."""
+        if not self.row_names:
+            return []
+        done = {row: int(m[row, F.IMAGES_OK] + m[row, F.IMAGES_FAILED]) for row in self.row_names}
+        self.node_samples.append((now, done))
+        t0, first = self.node_samples[0]
+        dt = now - t0
+        out = []
+        for row, name in sorted(self.row_names.items(), key=lambda kv: kv[1]):
+            rate = (done[row] - first.get(row, 0)) / dt if dt > 0 else 0.0
+            out.append({"name": name, "ok": int(m[row, F.IMAGES_OK]), "failed": int(m[row, F.IMAGES_FAILED]),
+                        "images_per_s": rate, "downloaded_bytes": int(m[row, F.DOWNLOADED_BYTES]),
+                        "written_bytes": int(m[row, F.WRITTEN_BYTES])})
+        return out
 
     def view(self) -> dict:
         with self.lock:
@@ -246,6 +273,16 @@ class LiveData:
             return None
         p = self.out_dir / rel
         return p if p.is_file() else None
+
+    def image_boxes(self, image_id: str) -> dict | None:
+        """The boxes of a recently written image, mapped into its gallery file; None if not on the board."""
+        with self.lock:
+            rel = self.gallery.get(image_id)
+        if not rel:
+            return None
+        if self.boxes is None:
+            return {"image_id": image_id, "boxes": [], "note": "the run has no --annotations"}
+        return self.boxes.boxes(image_id, rel)
 
 
 # -- the process ------------------------------------------------------------------------------
@@ -310,7 +347,8 @@ def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
             msg = conn.recv()
             if msg[0] == "attach":
                 stats = Stats.attach(msg[1], None)
-                holder.data = LiveData(stats, cfg.out_dir)
+                boxes = BoxLookup(cfg.out_dir, dict(cfg.variant_modes)) if cfg.boxes else None
+                holder.data = LiveData(stats, cfg.out_dir, boxes)
                 holder.data.sample()
                 break
             if msg[0] == "stop":
@@ -328,7 +366,9 @@ def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
                 tui.render(view)
             if conn.poll(SAMPLE_EVERY_S):
                 msg = conn.recv()
-                if msg[0] == "stop":
+                if msg[0] == "names":
+                    data.row_names = dict(msg[1])
+                elif msg[0] == "stop":
                     view = data.sample()
                     if tui is not None:
                         tui.render(view)
@@ -366,6 +406,8 @@ class Monitor:
             web_host=run.web_host,
             web_port=web_port,
             out_dir=run.output.out_dir,
+            boxes=run.output.annotations is not None and not run.output.sharded,
+            variant_modes=tuple((v.name, str(v.mode)) for v in run.pipeline.variants),
             fetchers=max(1, run.fetch.fetchers) * cells,  # as the supervisors start them
             workers=max(1, run.workers),
             cells=cells,
@@ -399,6 +441,15 @@ class Monitor:
         self.attached = True
         try:
             self.conn.send(("attach", layout))
+        except OSError:
+            pass
+
+    def name_rows(self, names: dict[int, str]) -> None:
+        """Name stats rows that stand for whole machines (a --ray driver's nodes) for the UIs."""
+        if self.conn is None:
+            return
+        try:
+            self.conn.send(("names", dict(names)))
         except OSError:
             pass
 

@@ -140,6 +140,32 @@ def init(path: Path | str) -> None:
         conn.close()
 
 
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+#: ``meta`` value of a run option that earlier runs of the same OUT set differently
+MIXED = "mixed"
+
+
+def record_run_option(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Remember an option that decides the geometry of the files (``apply_rotation``).
+
+    ``export`` needs it to map boxes onto the files. Once two runs into the same OUT disagree
+    (or a DB from before this key already holds files) the value becomes ``mixed``: the
+    files no longer share one geometry.
+    """
+    with conn:
+        old = get_meta(conn, key)
+        if old is None:
+            if conn.execute("SELECT 1 FROM outputs LIMIT 1").fetchone() is not None:
+                value = MIXED
+            conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, value))
+        elif old != value and old != MIXED:
+            conn.execute("UPDATE meta SET value=? WHERE key=?", (MIXED, key))
+
+
 def register_list(conn: sqlite3.Connection, path: str, kind: str, columns: Sequence[str]) -> int:
     with conn:
         conn.execute(

@@ -197,6 +197,11 @@ class Stats:
         close_segment(self._shm, self.owner)
 
 
+def reason_field(reason: str) -> int:
+    """The column of a failure reason's counter (for a process that fills several rows)."""
+    return REASON_BASE + _REASON_INDEX[reason]
+
+
 def blank(layout: StatsLayout) -> np.ndarray:
     """The matrix of a run before anything has happened: zeros, the row total still being counted."""
     m = np.zeros((layout.rows, N_FIELDS), dtype=np.int64)

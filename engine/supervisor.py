@@ -205,6 +205,7 @@ def prepare_run(cfg: RunConfig) -> tuple[sqlite3.Connection, list[int]]:
         log.info("removed %d stale shared-memory segments", len(removed))
     state.init(out.db_path)
     db = state.connect(out.db_path)
+    state.record_run_option(db, "apply_rotation", "1" if cfg.pipeline.apply_rotation else "0")
     list_ids = []
     for path in cfg.lists:
         info = inputs.list_info(path)

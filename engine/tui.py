@@ -95,6 +95,14 @@ def _pipeline(v: dict, fill: int) -> Panel:
     return Panel(_kv(rows, key_w=15, fill=fill), title="queues & rings", border_style="blue")
 
 
+def _nodes(v: dict, fill: int) -> Panel:
+    """A --ray run: each node's images/s and rows finished (what "queues & rings" is on one host)."""
+    rows = [(f"{'node':<18} {'img/s':>7} {'done':>8}", "dim")]
+    rows += [(f"{_cut(n['name'], 18):<18} {n['images_per_s']:7.1f} {n['ok'] + n['failed']:>8,}", "")
+             for n in v["nodes"]]
+    return Panel(_lines(rows, fill), title=f"nodes ({len(v['nodes'])})", border_style="blue")
+
+
 def _procs(v: dict, fill: int) -> Panel:
     rows = [(f"{'process':<11} {'CPU':>5} {'RSS':>9}", "dim")]
     rows += [(f"{p['name']:<11} {p['cpu_pct']:4.0f}% {human_bytes(p['rss']):>9}", "") for p in v["processes"]]
@@ -151,14 +159,16 @@ def _recent_failed(v: dict, rows: int, width: int) -> Panel:
 
 def build(v: dict, height: int = 50, width: int = 160) -> Group:
     """The whole screen for one view (pure: testable without a terminal); lists get the rows that fit."""
-    mid_fill = max(9, len(v["processes"]) + 1, len(v["rings"]) + 3)
+    nodes = v.get("nodes") or []
+    mid_fill = max(9, len(v["processes"]) + 1, len(v["rings"]) + 3, len(nodes) + 1)
     bottom = max(8, height - 4 - (mid_fill + 2))
     half = max(1, (bottom - 6) // 2)
     col = width // 2
     mid = Table.grid(expand=True)
     for _ in range(4):
         mid.add_column(ratio=1)
-    mid.add_row(_rates(v, mid_fill), _pipeline(v, mid_fill), _procs(v, mid_fill), _reasons(v, mid_fill))
+    second = _nodes(v, mid_fill) if nodes else _pipeline(v, mid_fill)
+    mid.add_row(_rates(v, mid_fill), second, _procs(v, mid_fill), _reasons(v, mid_fill))
     resize_h = len(v["resizes"]) + 3
     low = Table.grid(expand=True)
     low.add_column(ratio=1)

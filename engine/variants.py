@@ -246,3 +246,29 @@ class PipelineConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variants given twice: {', '.join(dupes)}")
+
+
+def spec_from_name(name: str) -> VariantSpec:
+    """The spec behind a variant directory name (the inverse of :attr:`VariantSpec.name`).
+
+    ``export`` reads the variant's mode back from the ``outputs.variant`` names the state DB
+    holds. Raises ValueError for a name no spec produces.
+    """
+    tokens = name.split("-")
+    parts: list[str] = []
+    i = 0
+    while i < len(tokens):
+        pair = "-".join(tokens[i : i + 2])
+        if pair in (Mode.FILL_CROP.value, Mode.FILL_DISTORT.value):
+            parts.append(pair)
+            i += 2
+        elif tokens[i] == "subsample" and i + 1 < len(tokens):
+            parts.append(f"subsample={tokens[i + 1]}")
+            i += 2
+        else:
+            parts.append(tokens[i])
+            i += 1
+    spec = parse_variant(":".join(parts)) if parts and parts[0] else None
+    if spec is None or spec.name != name:
+        raise ValueError(f"{name!r} is not a variant name")
+    return spec

@@ -8,6 +8,8 @@ no CDN: the page and its small canvas charts are in ``engine/web_static/``). End
 - ``/img/<ImageID>`` the smallest written variant of a *recently finished* image (the
   gallery). Only IDs on the board can be asked for, so no request can name a path, and the
   original download is never served.
+- ``/boxes/<ImageID>`` (same IDs) that image's annotation boxes mapped into the gallery file,
+  with class names, when the run has ``--annotations`` (:mod:`engine.overlay`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(_json(data.history_points() if data else []), "application/json")
         elif path == "/events":
             self._events()
+        elif path.startswith("/boxes/"):
+            ans = data.image_boxes(unquote(path[7:])) if data else None
+            if ans is None:
+                self._send(b"not a recent image\n", "text/plain", HTTPStatus.NOT_FOUND)
+            else:
+                self._send(_json(ans), "application/json")
         elif path.startswith("/img/"):
             p = data.image_path(unquote(path[5:])) if data else None
             if p is None:

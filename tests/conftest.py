@@ -146,3 +146,15 @@ def kill_tree_on_failure(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres():  # noqa: ANN201 - tests.pg.PostgresServer
+    """A real PostgreSQL server for the whole session (tests/pg.py); ``postgres.new_database()``."""
+    from pg import PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install postgresql (scripts/test does)")
+    with PostgresServer(bindir) as server:
+        yield server

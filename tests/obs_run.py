@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,8 +41,15 @@ class Run:
 
 
 def start_run(tmp_path: Path, items, server, extra: Sequence[str], want: Sequence[str],
-              rate_bps: int = SLOW_RATE_BPS) -> Run:
+              rate_bps: int = SLOW_RATE_BPS, rotations: Mapping[str, int] | None = None) -> Run:
     lst = write_list(tmp_path / "slow.csv", items, server.base_url, rate=str(rate_bps))
+    if rotations is not None:  # a V4+ list: the Rotation column, 0 where not given
+        rows = list(csv.reader(lst.open(newline="", encoding="utf-8")))
+        rows[0].append("Rotation")
+        for r in rows[1:]:
+            r.append(str(rotations.get(r[0], 0)))
+        with lst.open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
     return launch(["run", str(lst), "--out", str(tmp_path / "out"), "--sizes", "128,256", "--procs", "2",
                    "--max-host-connections", str(SLOW_HOST_CONNECTIONS), *extra], want)
 

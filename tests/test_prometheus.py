@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -19,7 +20,8 @@ from obs_run import start_run
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "grafana" / "dashboards" / "oidl-engine.json"
 #: Grafana's variables, as Grafana would expand them for a 1 s scrape interval
-GRAFANA_VARS = {"$__rate_interval": "10s", "$__interval": "1s", "$__range": "1m"}
+#: ($instance: the dashboard's "All", which Grafana sends as the variable's allValue)
+GRAFANA_VARS = {"$__rate_interval": "10s", "$__interval": "1s", "$__range": "1m", "$instance": ".*"}
 
 
 def _panel_queries() -> list[tuple[str, str]]:
@@ -41,6 +43,11 @@ def test_dashboard_covers_the_required_metrics() -> None:
         assert needed in exprs, f"no panel shows {needed}"
     dash = json.loads(DASHBOARD.read_text())
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    # one exporter per node (--ray-node-metrics-port) and the driver's: every query can pick instances
+    assert "instance" in {v["name"] for v in dash["templating"]["list"]}
+    for title, expr in _panel_queries():
+        for name in re.findall(r"\b(oidl_[a-z_]+)", expr):
+            assert re.search(name + r'\{instance=~"\$instance"', expr), f"{title}: {name} ignores $instance"
 
 
 def _free_port() -> int:

@@ -205,7 +205,11 @@ def test_web_serves_only_recent_images(tmp_path: Path, corpus, server) -> None:
         name = view["recent_ok"][0]["name"]
         with urllib.request.urlopen(url + "img/" + name, timeout=5) as r:
             assert r.headers["Content-Type"] == "image/jpeg" and r.read(3) == b"\xff\xd8\xff"
-        for bad in ("img/..%2F..%2Fetc%2Fpasswd", "img/notanid", "img/" + "a" * 300, "nothing"):
+        # boxes only with --annotations: a note, never an error
+        noboxes = json.load(urllib.request.urlopen(url + "boxes/" + name, timeout=5))
+        assert noboxes["boxes"] == [] and "--annotations" in noboxes["note"]
+        for bad in ("img/..%2F..%2Fetc%2Fpasswd", "img/notanid", "img/" + "a" * 300, "nothing",
+                    "boxes/..%2F..%2Fetc%2Fpasswd", "boxes/notanid"):
             with pytest.raises(urllib.error.HTTPError) as e:
                 urllib.request.urlopen(url + bad, timeout=5)
             assert e.value.code == 404
@@ -289,6 +293,169 @@ def test_panels_fit_their_width(tmp_path: Path) -> None:
                 if width == 1400:
                     shot = dt.call("Page.captureScreenshot", format="png")
                     (tmp_path / "web-1400.png").write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        if close is not None:
+            close()
+        holder.data = None
+        stats.close()
+
+
+# -- issue 11: annotation boxes over the gallery ---------------------------------------------
+BOXES_STATE = """(() => {
+  const figs = [...document.querySelectorAll('#gallery .pic')];
+  return {ctl: getComputedStyle(document.getElementById('boxes-ctl')).display,
+          checked: document.getElementById('show-boxes').checked,
+          note: document.getElementById('boxes-note').textContent,
+          pics: figs.map((f) => { const img = f.querySelector('img'), r = img.getBoundingClientRect();
+            return {id: f.dataset.id, loaded: img.complete && img.naturalWidth > 0,
+                    img: [r.left, r.top, r.width, r.height],
+                    svg: getComputedStyle(f.querySelector('svg')).display,
+                    boxes: [...f.querySelectorAll('g.box')].map((g) => {
+                      const b = g.querySelector('rect').getBoundingClientRect();
+                      return {name: g.dataset.name, label: g.querySelector('text').textContent,
+                              rect: [b.left, b.top, b.width, b.height]}; })}; })};
+})()"""
+
+
+def _expected_boxes(db: Path, image_id: str, rotation: int) -> list[tuple[str, tuple[float, float, float, float]]]:
+    """(display name, normalised box in the stored, unrotated image) of every box of the DB."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT c.name, x_min, y_min, x_max, y_max FROM boxes b JOIN classes c ON c.mid = b.mid"
+                            " WHERE image_id = ?", (image_id,)).fetchall()
+    out = []
+    for name, x0, y0, x1, y1 in rows:
+        # README "Annotations": a normalised point of the upright image in the stored one
+        turn = {0: lambda x, y: (x, y), 90: lambda x, y: (y, 1 - x), 180: lambda x, y: (1 - x, 1 - y),
+                270: lambda x, y: (1 - y, x)}[rotation]
+        (ax, ay), (bx, by) = turn(x0, y0), turn(x1, y1)
+        out.append((name, (min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))))
+    return sorted(out)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.timeout(120)
+def test_gallery_draws_annotation_boxes(tmp_path: Path, corpus, server) -> None:
+    """--annotations: each gallery image carries its DB boxes, named and placed, and a remembered toggle."""
+    from annotations_db import make_db
+
+    _, items = corpus
+    good = [i for i in items if not i.broken]
+    db = make_db(tmp_path / "meta", [i.image_id for i in good])
+    # no --apply-rotation: the boxes must be turned into the stored image's frame
+    rotations = {i.image_id: (0, 90, 180, 270)[n % 4] for n, i in enumerate(good)}
+    run = start_run(tmp_path, good, server, ["--ui", "none", "--web-port", "0", "--annotations", str(db)], ["web"],
+                    rate_bps=300_000, rotations=rotations)
+    try:
+        url = run.urls["web"]
+        with _page(url, tmp_path, "--window-size=1400,2000") as dt:
+            t0 = time.monotonic()
+            deadline = time.monotonic() + 60
+            while True:
+                s = dt.eval(BOXES_STATE)
+                drawn = [p for p in s["pics"] if p["loaded"] and p["boxes"]]
+                if len(drawn) >= 4:
+                    break
+                assert time.monotonic() < deadline, s
+                time.sleep(0.5)
+            print(f"boxes drawn on {len(drawn)} images after {time.monotonic() - t0:.1f} s")
+            assert s["ctl"] != "none" and s["checked"]
+            checked = 0
+            for p in s["pics"]:
+                if not p["loaded"]:
+                    continue
+                want = _expected_boxes(db, p["id"], rotations[p["id"]])
+                got = sorted((b["name"], b["rect"]) for b in p["boxes"])
+                if not p["boxes"] and want:
+                    continue  # its /boxes answer is still on the way
+                assert [n for n, _ in got] == [n for n, _ in want], p
+                assert all(b["label"].startswith(b["name"]) for b in p["boxes"])
+                ix, iy, iw, ih = p["img"]
+                assert ih == pytest.approx(128, abs=0.5)  # the annotated gallery's row height
+                # several boxes may share a class: match each drawn box to the nearest expected one
+                for name, (x, y, w, h) in got:
+                    err = min(max(abs(x - (ix + e[0] * iw)), abs(y - (iy + e[1] * ih)),
+                                  abs(x + w - (ix + e[2] * iw)), abs(y + h - (iy + e[3] * ih)))
+                              for n, e in want if n == name)
+                    assert err <= 1.5, (p["id"], name, err)
+                checked += 1
+            assert checked >= 4
+            images_without = [p for p in s["pics"] if p["loaded"] and not _expected_boxes(db, p["id"], 0)]
+            assert all(not p["boxes"] for p in images_without)
+            shot = base64.b64decode(dt.call("Page.captureScreenshot", format="png")["data"])
+            (tmp_path / "gallery-boxes.png").write_bytes(shot)
+            if os.environ.get("OIDL_SCREENSHOT_DIR"):  # for a human to look at
+                (Path(os.environ["OIDL_SCREENSHOT_DIR"]) / "gallery-boxes.png").write_bytes(shot)
+            # the toggle hides every overlay, and the choice survives a reload
+            dt.eval("document.getElementById('show-boxes').click()")
+            s = dt.eval(BOXES_STATE)
+            assert not s["checked"] and s["pics"] and all(p["svg"] == "none" for p in s["pics"])
+            assert all(b["rect"][2] == 0 for p in s["pics"] for b in p["boxes"])
+            assert run.proc.poll() is None, "the run ended before the reload: slow it down (rate_bps)"
+            dt.eval("location.reload()")
+            deadline = time.monotonic() + 20
+            while True:
+                time.sleep(0.5)
+                try:
+                    s = dt.eval(f"document.readyState == 'complete' ? {BOXES_STATE} : null")
+                except AssertionError:
+                    s = None  # evaluated while the old page was going away
+                if s and s["pics"]:
+                    break
+                assert time.monotonic() < deadline, "the gallery did not come back after a reload"
+            assert not s["checked"] and all(p["svg"] == "none" for p in s["pics"])
+            dt.eval("document.getElementById('show-boxes').click()")
+            assert dt.eval(BOXES_STATE)["checked"]
+    finally:
+        assert run.stop() in (0, 130)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.timeout(60)
+def test_gallery_says_why_boxes_are_missing(tmp_path: Path) -> None:
+    """An image whose annotations file is gone is still shown; a note says why it has no boxes."""
+    import pyvips
+
+    from engine.overlay import BoxLookup
+
+    out = tmp_path / "out"
+    rows = []
+    for n, image_id in enumerate(("00000000000000a1", "00000000000000a2")):
+        rel = f"128/000/{image_id}.jpg"
+        (out / "128/000").mkdir(parents=True, exist_ok=True)
+        (pyvips.Image.black(128, 96) + 90).cast("uchar").jpegsave(str(out / rel))
+        if n == 0:
+            (out / rel).with_suffix(".json").write_text(json.dumps({
+                "variant": "128", "width": 128, "height": 96, "source_width": 1024, "source_height": 768,
+                "rotation": 0, "rotation_applied": False,
+                "annotations": {"boxes": [{"mid": "/m/01yrx", "name": "Cat", "x_min": 0.5, "x_max": 1.0,
+                                           "y_min": 0.0, "y_max": 0.5, "is_group_of": 0}]}}))
+        rows.append(SimpleNamespace(image_id=image_id, status="ok", reason=None, detail=None, nbytes=5_000, width=1024,
+                                    height=768, outputs=(SimpleNamespace(variant="128", path=rel, nbytes=900),)))
+    stats = Stats.create(1, 1)
+    holder = _Holder()
+    close = None
+    try:
+        Board.of(stats).writer().finished(rows, time.time())
+        holder.data = LiveData(stats, out, BoxLookup(out, {"128": "shrink"}))
+        holder.data.sample()
+        close, url = serve_web(holder, "127.0.0.1", 0)
+        with _page(url, tmp_path) as dt:
+            deadline = time.monotonic() + 20
+            while True:
+                s = dt.eval(BOXES_STATE)
+                if sum(p["loaded"] for p in s["pics"]) == 2 and s["note"] and any(p["boxes"] for p in s["pics"]):
+                    break
+                assert time.monotonic() < deadline, s
+                time.sleep(0.2)
+            by_id = {p["id"]: p for p in s["pics"]}
+            assert [b["name"] for b in by_id["00000000000000a1"]["boxes"]] == ["Cat"]
+            x, y, w, h = by_id["00000000000000a1"]["boxes"][0]["rect"]
+            ix, iy, iw, ih = by_id["00000000000000a1"]["img"]
+            assert (x - ix, y - iy, w, h) == pytest.approx((iw / 2, 0, iw / 2, ih / 2), abs=1.0)
+            assert by_id["00000000000000a2"]["boxes"] == []
+            assert "no annotations file beside this image" in s["note"]
     finally:
         if close is not None:
             close()

@@ -156,6 +156,22 @@ _V7 = (
     _f("v7/oidv7-classes-trainable.txt"),
 )
 
+# Localized Narratives (captions, and with --narratives full also the mouse traces) live under
+# their own base URL; they are stored under NARRATIVES_DIR so they never collide with a release file.
+DEFAULT_NARRATIVES_URL = "https://storage.googleapis.com/localized-narratives/annotations/"
+NARRATIVES_DIR = "localized-narratives"
+NARRATIVES: dict[str, tuple[MetaFile, ...]] = {
+    "captions": tuple(
+        _f(f"{NARRATIVES_DIR}/open_images_{s}_captions.jsonl") for s in ("train_v6", "validation", "test")
+    ),
+    # about 16 GB for train
+    "full": (
+        *(_f(f"{NARRATIVES_DIR}/open_images_train_v6_localized_narratives-{i:05d}-of-00010.jsonl") for i in range(10)),
+        _f(f"{NARRATIVES_DIR}/open_images_validation_localized_narratives.jsonl"),
+        _f(f"{NARRATIVES_DIR}/open_images_test_localized_narratives.jsonl"),
+    ),
+}
+
 RELEASES: dict[str, tuple[MetaFile, ...]] = {
     "v1": _V1,
     "v2": _V2,
@@ -800,6 +816,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SUBSTRING",
         help="only files whose path contains SUBSTRING (repeatable; any match selects)",
     )
+    p.add_argument(
+        "--narratives",
+        choices=sorted(NARRATIVES),
+        help="also fetch the Localized Narratives: 'captions' (about 180 MB) or 'full' (with mouse traces, "
+        f"about 17 GB), into DIR/{NARRATIVES_DIR}/",
+    )
+    p.add_argument(
+        "--narratives-base-url",
+        default=DEFAULT_NARRATIVES_URL,
+        help="where the Localized Narratives live (default: %(default)s)",
+    )
     p.add_argument("--no-extract", action="store_true", help="keep .tar.gz archives packed")
     p.add_argument("--list", action="store_true", help="print the release's files with sizes and exit")
     p.add_argument("--max-retries", type=int, default=DownloadConfig.max_retries, help="retries per file (default: %(default)s)")
@@ -821,8 +848,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--user-agent", default=DownloadConfig.user_agent, help="User-Agent header")
 
 
-def _selected(release: str, only: list[str]) -> tuple[MetaFile, ...]:
-    files = RELEASES[release]
+def _selected(release: str, only: list[str], narratives: str | None = None) -> tuple[MetaFile, ...]:
+    files = RELEASES[release] + (NARRATIVES[narratives] if narratives else ())
     if only:
         files = tuple(f for f in files if any(s in f.relpath for s in only))
     return files
@@ -843,7 +870,8 @@ def run(args: argparse.Namespace) -> int:
     if release not in RELEASES:
         print(f"error: unknown release {release!r} (choose from {', '.join(sorted(RELEASES))})", file=sys.stderr)
         return 2
-    files = _selected(release, list(args.only or ()))
+    narratives = getattr(args, "narratives", None)
+    files = _selected(release, list(args.only or ()), narratives)
     if not files:
         print(f"error: --only {args.only} matches no file of {release}", file=sys.stderr)
         return 2
@@ -853,9 +881,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dir is None:
         print("error: --dir is required (unless --list)", file=sys.stderr)
         return 2
-    if not args.base_url.startswith(("http://", "https://")):
-        print(f"error: --base-url must be http:// or https://, not {args.base_url!r}", file=sys.stderr)
-        return 2
+    narratives_url = getattr(args, "narratives_base_url", DEFAULT_NARRATIVES_URL)
+    for opt, value in (("--base-url", args.base_url), ("--narratives-base-url", narratives_url)):
+        if not value.startswith(("http://", "https://")):
+            print(f"error: {opt} must be http:// or https://, not {value!r}", file=sys.stderr)
+            return 2
     cfg = DownloadConfig(
         connect_timeout_s=args.connect_timeout,
         low_speed_time_s=args.low_speed_time,
@@ -876,18 +906,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: another 'oidl-engine metadata' is running in {root}", file=sys.stderr)
             return 1
         try:
-            return _run_locked(files, root, args.base_url, cfg, extract_archives=not args.no_extract)
+            urls = {None: args.base_url, NARRATIVES_DIR: narratives_url}
+            return _run_locked(files, root, urls, cfg, extract_archives=not args.no_extract)
         except KeyboardInterrupt:
             print("interrupted: run the same command again to resume", file=sys.stderr)
             return 130
 
 
-def _run_locked(files: tuple[MetaFile, ...], root: Path, base_url: str, cfg: DownloadConfig, *, extract_archives: bool) -> int:
+def _url_of(f: MetaFile, base_urls: dict[str | None, str]) -> str:
+    """A release file lives at its relpath under --base-url; a narratives file under its own URL."""
+    top, _, rest = f.relpath.partition("/")
+    if top in base_urls:
+        return base_urls[top].rstrip("/") + "/" + rest
+    return base_urls[None].rstrip("/") + "/" + f.relpath
+
+
+def _run_locked(
+    files: tuple[MetaFile, ...], root: Path, base_urls: str | dict[str | None, str], cfg: DownloadConfig, *, extract_archives: bool
+) -> int:
     tty = sys.stderr.isatty()
     failed = 0
+    if isinstance(base_urls, str):
+        base_urls = {None: base_urls}
     for f in files:
         dest = root / f.relpath
-        url = base_url.rstrip("/") + "/" + f.relpath
+        url = _url_of(f, base_urls)
         try:
             if f.extract and extract_archives and _extracted_without_archive(dest, root, f.size):
                 print(f"present  {f.relpath}  [extracted earlier; the archive was removed]", flush=True)
