@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--big-list-rows", type=int, help="rows of the big list (default 2000000)")
     r.add_argument("--big-list-seconds", type=float, help="run window on the big list (default 45)")
     r.add_argument("--fetch-images", type=int, help="small files for fetch-only (default 5000)")
+    r.add_argument("--scale-images", type=int, help="images for scale-out (default 3000)")
     r.add_argument("--shard-images", type=int, help="images for shards (default 3000)")
     r.add_argument("--procs", type=int, help="worker processes for every tool (default 2)")
     r.add_argument("--no-img2dataset", action="store_true", help="skip img2dataset (never installed then)")
@@ -80,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {
         "images": args.images, "three_sizes_images": args.three_sizes_images, "slow_images": args.slow_images, "big_list_rows": args.big_list_rows,
         "big_list_run_s": args.big_list_seconds, "fetch_images": args.fetch_images, "procs": args.procs,
+        "scale_images": args.scale_images,
         "shard_images": args.shard_images,
     }
     from dataclasses import replace

@@ -16,6 +16,9 @@ big-list       a 2M-row list: time to the first finished image, RSS over a fixed
                (then Ctrl-C, which the engine drains gracefully)
 fetch-only     small files, ``--sizes ''``, originals kept: requests/s per fetcher process vs
                wrk (or ``curl --parallel``) on the same server
+scale-out      the one-size corpus at ``--procs 2`` and ``--procs 16`` (default options): each
+               process kind's steady-state CPU per image, the single-process ceilings, and
+               the throughput of 16 against 2 (on 2 cores: the cost of the extra processes)
 shards         ``--sizes 256`` with ``--format webdataset`` vs the same run with ``--format files``
                (files, webdataset, files: the ratio is against the mean of the two files runs)
 =============  ==================================================================================
@@ -39,12 +42,21 @@ from typing import Any, Callable, Sequence
 
 from . import competitors
 from .ceiling import measure_ceilings
-from .measure import db_counts, db_failure_reasons, db_has_ok_row, process_cpu_s, run_measured, warm_page_cache
+from .measure import (
+    db_counts,
+    db_done,
+    db_failure_reasons,
+    db_has_ok_row,
+    process_cpu_s,
+    run_measured,
+    steady_state,
+    warm_page_cache,
+)
 from .servers import FileServer, start_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
-SCENARIOS = ("one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "shards")
+SCENARIOS = ("one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "shards", "scale-out")
 MIB = 2**20
 _TARGET_RE = re.compile(r"\(target (\d+)\)")
 
@@ -67,6 +79,9 @@ class BenchConfig:
     big_list_run_s: float = 45.0
     big_list_after_first_s: float | None = None  # smoke: stop this long after the first image
     fetch_images: int = 5000
+    scale_images: int = 3000
+    #: --procs of the two scale-out runs: the first is the reference
+    scale_procs: tuple[int, int] = (2, 16)
     shard_images: int = 3000
     ceiling_sample: int = 2000  # the most files the ceiling processes per scenario
     #: engine per-host connection cap on the fast server; img2dataset gets as many threads
@@ -87,6 +102,8 @@ class BenchConfig:
             big_list_run_s=30.0,
             big_list_after_first_s=2.0,
             fetch_images=120,
+            scale_images=200,
+            scale_procs=(2, 5),  # two cells: the structure, not the scale, is what a smoke run checks
             shard_images=24,
             ceiling_sample=12,  # five ceiling modes per resize scenario: keep the smoke run short
             img2dataset=img2dataset,
@@ -225,6 +242,7 @@ def run_engine(
         stop_after_s=stop_after_s,
         first_done=(lambda: db_has_ok_row(db)) if probe_first else None,
         stop_after_first_s=stop_after_first_s,
+        progress=(lambda: db_done(db)) if progress else None,
     )
     counts = db_counts(db)
     out = result.as_json(counts.get("ok", 0))
@@ -239,6 +257,8 @@ def run_engine(
                                        "series_5s": targets}
     if stop_after_s is not None:
         out["_series"] = result.tree.series  # popped by the caller: RSS over the run window
+    if progress:
+        out["steady_state"] = steady_state(result.tree.progress, sum(counts.values()))
     if result.returncode not in (0, 130) or (stop_after_s is None and counts.get("failed")):
         out["stderr_tail"] = result.stderr_tail
     return out, counts
@@ -454,6 +474,48 @@ def scenario_fetch_only(cfg: BenchConfig, server: FileServer, corpus: Corpus) ->
     return result
 
 
+#: what the scale-out goal bounds: CPU per image of the run of any process whose kind does not
+#: multiply with --procs (there are as many at the high --procs as at the low one)
+SINGLE_PROCESS_MS_GOAL = 0.1
+
+
+def scenario_scale_out(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> dict[str, Any]:
+    from dataclasses import replace
+
+    items = corpus.items[: cfg.scale_images]
+    list_path = cfg.work_dir / "lists" / "scale-out.csv"
+    # a smoke corpus is smaller than the list: its files come round again under fresh ImageIDs
+    write_list(list_path, items, server.url, n=cfg.scale_images)
+    warm_page_cache([corpus.root / i.relpath for i in items])
+    result: dict[str, Any] = {"images": cfg.scale_images, "sizes": [256], "procs": list(cfg.scale_procs), "runs": {}}
+    for procs in cfg.scale_procs:
+        eng, _ = run_engine(
+            replace(cfg, procs=procs),
+            list_path,
+            cfg.work_dir / "out" / f"scale-out-{procs}",
+            "256",
+            ["--max-host-connections", str(cfg.host_connections)],
+            progress=True,
+        )
+        result["runs"][str(procs)] = eng
+    lo, hi = (result["runs"][str(p)].get("steady_state") for p in cfg.scale_procs)
+    if lo and hi:
+        # a kind multiplies when the bigger run has more processes of it
+        single = {k: v for k, v in hi["kinds"].items() if v["processes"] <= lo["kinds"].get(k, {}).get("processes", 0)}
+        result["single_process_kinds"] = sorted(single)
+        result["max_single_process_ms_per_image"] = max((v["max_ms_per_image"] for v in single.values()), default=0.0)
+        # the rate at which the busiest process other than a worker would fill a core
+        others = {k: v for k, v in hi["kinds"].items() if k != "oidl-worker" and v["ceiling_images_per_s"]}
+        if others:
+            k = min(others, key=lambda n: others[n]["ceiling_images_per_s"])
+            result["projected_ceiling"] = {"kind": k, "images_per_s": others[k]["ceiling_images_per_s"],
+                                           "of_single_process_kinds": min(
+                                               (v["ceiling_images_per_s"] for v in single.values()
+                                                if v["ceiling_images_per_s"]), default=None)}
+        result["ratios"] = {"steady_high_vs_low": _ratio(hi["images_per_s"], lo["images_per_s"])}
+    return result
+
+
 # -- the run -------------------------------------------------------------------------------
 
 GOALS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None], str, float], ...] = (
@@ -472,6 +534,9 @@ GOALS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None], str, floa
     ("big-list", "first image done, s", lambda r: r["engine"].get("first_done_s"), "<=", 5.0),
     ("big-list", "RSS growth in window, MiB", lambda r: r.get("memory", {}).get("rss_growth_mib"), "<=", 64.0),
     ("fetch-only", "engine req/s per fetcher / wrk", lambda r: r.get("ratios", {}).get("engine_fetcher_vs_network_ceiling"), ">=", 0.0),
+    ("scale-out", "steady img/s, high / low --procs", lambda r: r.get("ratios", {}).get("steady_high_vs_low"), ">=", 0.9),
+    ("scale-out", "single-process kinds, max CPU ms/img", lambda r: r.get("max_single_process_ms_per_image"), "<=",
+     SINGLE_PROCESS_MS_GOAL),
     ("shards", "webdataset / files img/s", lambda r: r["ratios"].get("webdataset_vs_files"), ">=", 1.0),
     ("shards", "webdataset / files CPU per image", lambda r: r["ratios"].get("webdataset_cpu_vs_files"), "<=", 1.0),
 )
@@ -517,6 +582,27 @@ def table(results: dict[str, Any]) -> str:
             f"| {c.get('cpu_ms_per_image', '')} | {p.get('cpu_ms_per_image', '')} | {e['cpu_ms_per_image']} "
             f"| {i.get('cpu_ms_per_image', '')} |"
         )
+    r = scen.get("scale-out")
+    if r:
+        lines += ["", scale_table(r)]
+    return "\n".join(lines)
+
+
+def scale_table(r: dict[str, Any]) -> str:
+    """Steady-state CPU per image of the run, per process kind, at each --procs."""
+    runs = {p: (r["runs"].get(str(p)) or {}).get("steady_state") or {} for p in r["procs"]}
+    kinds = sorted({k for s in runs.values() for k in s.get("kinds", {})})
+    head = " | ".join(f"--procs {p}: n, max ms/img, ceiling img/s" for p in r["procs"])
+    lines = [f"| kind | {head} |", "|---|" + "---|" * len(r["procs"])]
+    for k in kinds:
+        cells = []
+        for p in r["procs"]:
+            v = runs[p].get("kinds", {}).get(k)
+            cells.append(f"{v['processes']}, {v['max_ms_per_image']}, {v['ceiling_images_per_s']}" if v else "-")
+        lines.append(f"| {k} | {' | '.join(cells)} |")
+    steady = " | ".join(f"{runs[p].get('images_per_s', 'n/a')} img/s, {runs[p].get('cpu_ms_per_image', 'n/a')} ms/img"
+                        for p in r["procs"])
+    lines.append(f"| steady state (25-75 % of rows) | {steady} |")
     return "\n".join(lines)
 
 
@@ -568,6 +654,8 @@ def run(cfg: BenchConfig, scenarios: Sequence[str], log: Callable[[str], None] =
                 r["rss_series_mib"] = [(t, round(rss / MIB)) for t, rss, _ in series[::step]]
             elif name == "fetch-only":
                 r = scenario_fetch_only(cfg, server, corpus)
+            elif name == "scale-out":
+                r = scenario_scale_out(cfg, server, corpus)
             elif name == "shards":
                 r = scenario_shards(cfg, server, corpus)
             else:

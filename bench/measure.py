@@ -37,6 +37,8 @@ class TreeStats:
     series: list[tuple[float, int, int]] = field(default_factory=list)
     #: last CPU seconds seen per process, keyed by pid; role = comm without a trailing -N
     cpu_by_pid: dict[int, tuple[str, float]] = field(default_factory=dict)
+    #: with a progress probe: (seconds since start, rows done, {pid: (name, CPU s)}) per sample
+    progress: list[tuple[float, int, dict[int, tuple[str, float]]]] = field(default_factory=list)
 
     def cpu_by_role(self) -> dict[str, float]:
         roles: dict[str, float] = {}
@@ -49,9 +51,12 @@ class TreeStats:
 class TreeSampler(threading.Thread):
     """Samples the memory and CPU of ``pid`` and all its descendants until stopped."""
 
-    def __init__(self, pid: int, interval_s: float = 0.25, t0: float | None = None) -> None:
+    def __init__(
+        self, pid: int, interval_s: float = 0.25, t0: float | None = None, progress: Callable[[], int] | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.pid = pid
+        self.probe = progress
         self.interval_s = interval_s
         self.t0 = time.monotonic() if t0 is None else t0
         self.stats = TreeStats()
@@ -87,7 +92,14 @@ class TreeSampler(threading.Thread):
         s.peak_rss_bytes = max(s.peak_rss_bytes, rss)
         s.peak_pss_bytes = max(s.peak_pss_bytes, pss)
         s.peak_procs = max(s.peak_procs, len(procs))
-        s.series.append((round(time.monotonic() - self.t0, 2), rss, pss))
+        t = round(time.monotonic() - self.t0, 2)
+        s.series.append((t, rss, pss))
+        if self.probe is not None:
+            try:
+                done = self.probe()
+            except Exception:  # noqa: BLE001 - e.g. the DB does not exist yet
+                done = 0
+            s.progress.append((t, done, {pid: s.cpu_by_pid[pid] for pid in (p.pid for p in procs) if pid in s.cpu_by_pid}))
 
     def stop(self) -> TreeStats:
         self._stop_event.set()
@@ -137,6 +149,7 @@ def run_measured(
     first_done: Callable[[], bool] | None = None,
     stop_after_first_s: float | None = None,
     interval_s: float = 0.25,
+    progress: Callable[[], int] | None = None,
 ) -> RunResult:
     """Run ``cmd`` to completion (or SIGINT it after ``stop_after_s``) and measure it.
 
@@ -153,7 +166,7 @@ def run_measured(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    sampler = TreeSampler(proc.pid, interval_s, t0)
+    sampler = TreeSampler(proc.pid, interval_s, t0, progress)
     sampler.start()
     stderr_chunks: list[bytes] = []
     reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
@@ -200,6 +213,55 @@ def db_counts(db_path: Path) -> dict[str, int]:
         return {status: n for status, n in con.execute("SELECT status, count(*) FROM images GROUP BY status")}
     finally:
         con.close()
+
+
+def db_done(db_path: Path) -> int:
+    """Rows finished (ok or failed) in an engine state DB, 0 if there is none yet."""
+    if not db_path.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1)
+    try:
+        return int(con.execute("SELECT count(*) FROM images").fetchone()[0])
+    finally:
+        con.close()
+
+
+def steady_state(progress: Sequence[tuple[float, int, dict[int, tuple[str, float]]]], total: int,
+                 lo: float = 0.25, hi: float = 0.75) -> dict[str, Any] | None:
+    """CPU of every process between ``lo`` and ``hi`` of the rows done, per image of the run.
+
+    Start-up (imports, rings filling) and the tail (last bodies, shutdown) are left out: what
+    remains is what each process costs per image while the run is at full speed, which is
+    what caps a bigger host. Per kind (process name without its trailing -N): how many
+    processes, the busiest one's CPU ms per image, and the rate at which that one process
+    would fill a core (its ceiling).
+    """
+    # the last sample at or before lo and the first at or after hi: two samples even when a
+    # short (smoke) run crosses both marks between two of them
+    a = next((x for x in reversed(progress) if x[1] <= lo * total), progress[0] if progress else None)
+    b = next((x for x in progress if x[1] >= hi * total), None)
+    if a is None or b is None or b[1] <= a[1] or b[0] <= a[0]:
+        return None
+    images = b[1] - a[1]
+    kinds: dict[str, dict[str, Any]] = {}
+    for pid, (name, cpu1) in b[2].items():
+        cpu0 = a[2].get(pid, (name, 0.0))[1]
+        ms = 1000 * (cpu1 - cpu0) / images
+        k = kinds.setdefault(_ROLE_RE.sub("", name), {"processes": 0, "max_ms_per_image": 0.0, "sum_ms_per_image": 0.0})
+        k["processes"] += 1
+        k["max_ms_per_image"] = max(k["max_ms_per_image"], ms)
+        k["sum_ms_per_image"] += ms
+    for k in kinds.values():
+        k["ceiling_images_per_s"] = round(1000 / k["max_ms_per_image"]) if k["max_ms_per_image"] > 0 else None
+        k["max_ms_per_image"] = round(k["max_ms_per_image"], 3)
+        k["sum_ms_per_image"] = round(k["sum_ms_per_image"], 3)
+    return {
+        "window_s": round(b[0] - a[0], 2),
+        "images": images,
+        "images_per_s": round(images / (b[0] - a[0]), 2),
+        "cpu_ms_per_image": round(sum(k["sum_ms_per_image"] for k in kinds.values()), 3),
+        "kinds": dict(sorted(kinds.items())),
+    }
 
 
 def db_failure_reasons(db_path: Path) -> dict[str, int]:

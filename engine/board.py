@@ -15,7 +15,8 @@ numpy records, so there are no locks:
   which lets a reader name the image a worker is processing (workers only know a sequence
   number);
 - worker *j*: one record, set when an image is taken and cleared when it is done;
-- the writer: two rings of finished rows (ok / failed), appended after each commit.
+- each writer (one per routing cell): two rings of finished rows (ok / failed), appended
+  after each commit; readers merge the writers' rings by time.
 
 Per-event cost is around a microsecond (one record store). Readers (the monitor process)
 copy a section and check a generation counter or a ring head to drop torn records; a UI can
@@ -80,7 +81,7 @@ class _Offsets:
     size: int
 
 
-def _offsets(fetchers: int, workers: int) -> _Offsets:
+def _offsets(fetchers: int, workers: int, writers: int = 1) -> _Offsets:
     o = 0
     fetch_hdr = o
     o = _align(o + fetchers * _FETCH_HDR * 8)
@@ -91,16 +92,16 @@ def _offsets(fetchers: int, workers: int) -> _Offsets:
     resizes = o
     o = _align(o + workers * _RESIZE.itemsize)
     finished_hdr = o
-    o = _align(o + 2 * 8)
+    o = _align(o + writers * 2 * 8)
     ok = o
-    o = _align(o + FINISHED_RING * _FINISHED.itemsize)
+    o = _align(o + writers * FINISHED_RING * _FINISHED.itemsize)
     failed = o
-    o = _align(o + FINISHED_RING * _FINISHED.itemsize)
+    o = _align(o + writers * FINISHED_RING * _FINISHED.itemsize)
     return _Offsets(fetch_hdr, transfers, handed, resizes, finished_hdr, ok, failed, o)
 
 
-def board_bytes(fetchers: int, workers: int) -> int:
-    return _offsets(fetchers, workers).size
+def board_bytes(fetchers: int, workers: int, writers: int = 1) -> int:
+    return _offsets(fetchers, workers, writers).size
 
 
 def name_of_url(url: str) -> bytes:
@@ -142,10 +143,11 @@ class _FinishedRow(Protocol):
 class Board:
     """Typed views of the board area of a shared buffer (the stats segment)."""
 
-    def __init__(self, buf: memoryview, offset: int, fetchers: int, workers: int) -> None:
-        off = _offsets(fetchers, workers)
+    def __init__(self, buf: memoryview, offset: int, fetchers: int, workers: int, writers: int = 1) -> None:
+        off = _offsets(fetchers, workers, writers)
         self.fetchers = fetchers
         self.workers = workers
+        self.writers = writers
 
         def arr(dtype: np.dtype | type, count: int, at: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
             a = np.ndarray((count,), dtype=dtype, buffer=buf, offset=offset + at)
@@ -156,13 +158,15 @@ class Board:
                              (fetchers, TRANSFERS_PER_FETCHER))
         self.handed = arr(_HANDED, fetchers * HANDED_PER_FETCHER, off.handed, (fetchers, HANDED_PER_FETCHER))
         self.resizes = arr(_RESIZE, workers, off.resizes)
-        self.finished_hdr = arr(np.int64, 2, off.finished_hdr)
-        self.ok = arr(_FINISHED, FINISHED_RING, off.ok)
-        self.failed = arr(_FINISHED, FINISHED_RING, off.failed)
+        # per writer: heads of its ok and failed rings, and the rings
+        self.finished_hdr = arr(np.int64, writers * 2, off.finished_hdr, (writers, 2))
+        self.ok = arr(_FINISHED, writers * FINISHED_RING, off.ok, (writers, FINISHED_RING))
+        self.failed = arr(_FINISHED, writers * FINISHED_RING, off.failed, (writers, FINISHED_RING))
 
     @classmethod
     def of(cls, stats) -> "Board":  # noqa: ANN001 - engine.stats.Stats (import cycle)
-        return cls(stats.buf, stats.board_offset, stats.layout.fetchers, stats.layout.workers)
+        lay = stats.layout
+        return cls(stats.buf, stats.board_offset, lay.fetchers, lay.workers, lay.cells)
 
     # -- writers --------------------------------------------------------------------------
     def fetcher(self, index: int) -> "FetcherBoard":
@@ -171,8 +175,8 @@ class Board:
     def worker(self, index: int) -> "WorkerBoard":
         return WorkerBoard(self, index)
 
-    def writer(self) -> "WriterBoard":
-        return WriterBoard(self)
+    def writer(self, index: int = 0) -> "WriterBoard":
+        return WriterBoard(self, index)
 
     # -- readers --------------------------------------------------------------------------
     def read_transfers(self) -> list[dict]:
@@ -229,14 +233,23 @@ class Board:
         return out
 
     def read_finished(self, ok: bool, limit: int = 100) -> list[dict]:
-        """The last ``limit`` finished rows of one status, newest first."""
-        ring = self.ok if ok else self.failed
+        """The last ``limit`` finished rows of one status, newest first (all writers merged)."""
+        out: list[dict] = []
+        for w in range(self.writers):
+            out.extend(self._read_finished(w, ok, limit))
+        if self.writers > 1:
+            out.sort(key=lambda r: -r["t"])
+        return out[:limit]
+
+    def _read_finished(self, writer: int, ok: bool, limit: int) -> list[dict]:
+        ring = (self.ok if ok else self.failed)[writer]
+        hdr = self.finished_hdr[writer]
         head_i = 0 if ok else 1
-        h1 = int(self.finished_hdr[head_i])
+        h1 = int(hdr[head_i])
         n = min(limit, h1, FINISHED_RING)
         idx = [(h1 - 1 - k) % FINISHED_RING for k in range(n)]
         rows = ring[idx].copy() if idx else ring[:0].copy()
-        h2 = int(self.finished_hdr[head_i])
+        h2 = int(hdr[head_i])
         # records overwritten while we copied: the oldest (h2 - h1) ones
         keep = max(0, n - max(0, h2 - h1))
         out = []
@@ -256,7 +269,7 @@ class Board:
         return out
 
     def finished_count(self, ok: bool) -> int:
-        return int(self.finished_hdr[0 if ok else 1])
+        return int(self.finished_hdr[:, 0 if ok else 1].sum())
 
 
 class FetcherBoard:
@@ -314,10 +327,10 @@ class WorkerBoard:
 
 
 class WriterBoard:
-    def __init__(self, board: Board) -> None:
-        self.hdr = board.finished_hdr
-        self.ok = board.ok
-        self.failed = board.failed
+    def __init__(self, board: Board, index: int = 0) -> None:
+        self.hdr = board.finished_hdr[index]
+        self.ok = board.ok[index]
+        self.failed = board.failed[index]
 
     def finished(self, rows: Iterable[_FinishedRow], t: float) -> None:
         """Append committed rows (after the DB commit, so a listed file exists)."""

@@ -196,7 +196,14 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
 
     g = p.add_argument_group("processes")
     g.add_argument("--procs", type=positive(), default=os.cpu_count() or 1, help="pyvips worker processes")
-    g.add_argument("--fetchers", type=positive(), default=1, help="fetcher processes (one drives thousands of transfers)")
+    g.add_argument(
+        "--cells",
+        type=positive(),
+        help="routing cells: each a supervisor with its own fetchers, workers and writer, taking the rows whose "
+        "ImageID hashes to it, so nothing per image runs in a single process. Default: one per 4 --procs "
+        "(never more than --max-host-connections, whose share each cell gets)",
+    )
+    g.add_argument("--fetchers", type=positive(), default=1, help="fetcher processes per cell (one drives thousands of transfers)")
     g.add_argument(
         "--transfers",
         type=positive(),
@@ -440,6 +447,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
         ),
         ring=RingConfig(slot_bytes=slot_bytes, fetch_slots=ring_slots),
         workers=a.procs,
+        cells=a.cells,
         subset=a.subset,
         limit=a.limit,
         retry_failed=a.retry_failed,
@@ -506,9 +514,10 @@ def _run_on_ray(a: argparse.Namespace, cfg: RunConfig, argv: Sequence[str]) -> i
 
 def run_engine(cfg: RunConfig) -> int:
     """Run with the configured UI; returns the exit code."""
+    from .cells import make_run
     from .inputs import ListError
     from .report import PlainReporter, summary_text
-    from .supervisor import RunError, Supervisor
+    from .supervisor import RunError
 
     from .monitor import Monitor, MonitorError
 
@@ -516,13 +525,13 @@ def run_engine(cfg: RunConfig) -> int:
     # TUI, web UI and exporter run in their own process, out of the supervisor's way.
     monitor = Monitor.for_run(cfg)
 
-    def tick(sup: Supervisor) -> None:
+    def tick(sup) -> None:  # noqa: ANN001 - a Supervisor or a CellRun: both have .stats
         if reporter is not None:
             reporter.tick(sup.stats)
         if monitor is not None:
             monitor.attach(sup.stats.layout)
 
-    sup = Supervisor(cfg, on_tick=tick)
+    sup = make_run(cfg, on_tick=tick)
     try:
         if monitor is not None:
             try:

@@ -107,6 +107,8 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     ring: RingConfig = field(default_factory=RingConfig)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: routing cells (engine.cells); None: one per WORKERS_PER_CELL workers
+    cells: int | None = None
     subset: str | None = None
     limit: int | None = None
     retry_failed: bool = False

@@ -105,8 +105,9 @@ class EngineCollector(Collector):
             yield h
         g = _gauge(M.ROWS_WAITING)
         g.add_metric(["fetch"], tot(F.PARKED))
-        g.add_metric(["worker"], int(m[0, F.QUEUED_BODIES]))
-        g.add_metric(["writer"], int(m[0, F.QUEUED_WRITES]))
+        cells = layout.cells
+        g.add_metric(["worker"], int(m[:cells, F.QUEUED_BODIES].sum()))
+        g.add_metric(["writer"], int(m[:cells, F.QUEUED_WRITES].sum()))
         yield g
         slots, used = _gauge(M.RING_SLOTS), _gauge(M.RING_USED_SLOTS)
         for r in ring_rows(layout, m):

@@ -3,15 +3,17 @@
 Each fetcher drives one libcurl multi handle with hundreds to thousands of transfers in
 flight, on ``socket_action`` + epoll (the ``select()`` behind ``CurlMulti.select`` cannot watch
 more than 1,024 descriptors). Bodies are written straight from libcurl's write callback into
-this fetcher's own slots of the shared slab (:mod:`engine.ring`), with the MD5 computed on
-the way, so a body is never copied through a pipe and never hashed twice.
+this fetcher's own slots of the shared slab (:mod:`engine.ring`), so a body is never copied
+through a pipe. Its MD5 is computed by the worker that decodes it, where the bytes are hot
+anyway: there is one fetcher per routing cell, and hashing every body here cost half of
+its CPU.
 
 What the fetcher decides on its own, so the supervisor only sees final outcomes:
 - politeness: per-host connection caps and per-host back-off after 429/503, so one slow or
   angry host never holds up the others;
 - retries of transient failures with exponential back-off and jitter, honouring
   ``Retry-After``; a partial body is resumed with a Range request when the server allows it;
-- verification of ``OriginalSize`` / ``OriginalMD5`` and detection of Flickr's
+- verification of ``OriginalSize`` (``OriginalMD5`` is the worker's) and detection of Flickr's
   ``photo_unavailable`` placeholder.
 A row waiting for a retry or for its host is parked: the multi handle keeps going.
 """
@@ -46,6 +48,13 @@ _CURLE_RANGE_ERROR = 33
 _PLACEHOLDER_MARK = "photo_unavailable"
 #: longest a fetcher sleeps in epoll before looking at its pipe and timers again
 _MAX_WAIT_S = 0.2
+#: libcurl's receive buffer per transfer (default 16 KiB): when the fetcher falls behind,
+#: one read (one write callback: a Python call and a slab write) takes everything that piled
+#: up on the socket instead of 16 KiB of it. A fetcher that keeps up still sees the ~16 KB
+#: reads the sender's pace gives. Only the part a read fills is touched.
+_RECV_BUFFER_BYTES = 256 * 1024
+#: what the state DB records as the MD5 of a body that was not kept (failed transfers)
+_EMPTY_MD5 = hashlib.md5(b"").hexdigest()
 #: descriptors kept for everything that is not a connection (pipes, epoll, the DB, libs)
 _SPARE_FDS = 128
 #: share of the --ring-mb cap bodies in flight may take (so it caps the target); the rest is
@@ -95,7 +104,6 @@ class _Attempt:
         "attempts",
         "slots",
         "nbytes",
-        "md5",
         "first_start",
         "t_start",
         "status",
@@ -116,7 +124,6 @@ class _Attempt:
         self.attempts = 0
         self.slots: list[int] = []
         self.nbytes = 0
-        self.md5 = hashlib.md5()
         self.first_start = 0.0
         self.t_start = 0.0
         self.status = 0
@@ -134,7 +141,6 @@ class _Attempt:
         freed = self.slots
         self.slots = []
         self.nbytes = 0
-        self.md5 = hashlib.md5()
         self.resume_from = 0
         return freed
 
@@ -174,7 +180,8 @@ class Fetcher:
         # Connections beyond the descriptors we may open would fail as "connect" errors.
         self.connection_cap = max(1, min(-(-cfg.max_connections // n), _raise_fd_limit() - _SPARE_FDS))
         # Transfers in flight: a target found while running (engine.autotune), --transfers its cap.
-        self.tuner = TransferTuner(TuneConfig(cap=max(1, cfg.transfers)), share=1.0 / n)
+        # The workers it measures are the run's (every cell's): its share is 1 / every fetcher.
+        self.tuner = TransferTuner(TuneConfig(cap=max(1, cfg.transfers)), share=1.0 / max(n, stats.layout.fetchers))
         self.transfers = self.tuner.target
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._socket_cb)
@@ -266,7 +273,6 @@ class Fetcher:
                 for _ in range(need):
                     a.slots.append(free.pop())
             slab.write(a.slots, data, a.nbytes)
-            a.md5.update(data)
             a.nbytes += n
             self.dl_bytes += n
             return None
@@ -322,6 +328,7 @@ class Fetcher:
         c.setopt(pycurl.PIPEWAIT, 1)  # prefer multiplexing on an HTTP/2 connection
         c.setopt(pycurl.DNS_CACHE_TIMEOUT, 600)
         c.setopt(pycurl.TCP_KEEPALIVE, 1)
+        c.setopt(pycurl.BUFFERSIZE, _RECV_BUFFER_BYTES)
         if cfg.resolve:
             c.setopt(pycurl.RESOLVE, list(cfg.resolve))
         if cfg.insecure:
@@ -376,7 +383,7 @@ class Fetcher:
         if pos != size or (a.job.md5_hex is not None and md5.hexdigest() != a.job.md5_hex):
             self._free(slots)
             return False
-        a.slots, a.nbytes, a.md5 = slots, pos, md5
+        a.slots, a.nbytes = slots, pos
         a.first_start = time.monotonic()
         self._send_body(a, "file://" + path)
         return True
@@ -452,16 +459,12 @@ class Fetcher:
         job = a.job
         if job.expected_size is not None and a.nbytes != job.expected_size:
             return Reason.SIZE_MISMATCH
-        if job.md5_hex is not None and a.md5.hexdigest() != job.md5_hex:
-            return Reason.MD5_MISMATCH
-        return None
+        return None  # OriginalMD5: checked by the worker (see the module docstring)
 
     @staticmethod
     def _verify_detail(a: _Attempt, reason: Reason) -> str:
         if reason is Reason.SIZE_MISMATCH:
             return f"got {a.nbytes} bytes, list says {a.job.expected_size}"
-        if reason is Reason.MD5_MISMATCH:
-            return f"md5 {a.md5.hexdigest()}, list says {a.job.md5_hex}"
         return "empty body"
 
     def _retry(self, a: _Attempt, reason: Reason) -> bool:
@@ -500,7 +503,9 @@ class Fetcher:
         self.out.append(("body", a.job.seq, slots, a.nbytes, self._info(a, eff)))
 
     def _info(self, a: _Attempt, eff: str) -> FetchInfo:
-        return FetchInfo(eff, a.attempts, a.ctype, time.monotonic() - a.first_start, a.md5.hexdigest())
+        # a body's MD5 comes from the worker; a failed transfer kept no body
+        md5 = "" if a.nbytes else _EMPTY_MD5
+        return FetchInfo(eff, a.attempts, a.ctype, time.monotonic() - a.first_start, md5)
 
     def _free(self, slots: list[int]) -> None:
         self.free.extend(slots)
@@ -586,7 +591,7 @@ class Fetcher:
                 workers=self.stats.layout.workers,
                 workers_busy_s=busy_s,
                 workers_done=done,
-                bodies_waiting=int(self.stats.m[0, F.QUEUED_BODIES]),
+                bodies_waiting=self.stats.supervisors_total(F.QUEUED_BODIES),  # every cell's
                 in_flight=len(self.active),
                 memory_limit=max(1, int(len(self.slot_range) * _IN_FLIGHT_SHARE / self._slots_per_body())),
                 connection_limit=self.connection_cap,

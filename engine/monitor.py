@@ -65,6 +65,7 @@ class MonitorConfig:
     #: the run's process counts: every labelled metric has its series from the first scrape
     fetchers: int = 1
     workers: int = 1
+    cells: int = 1
 
     @property
     def needed(self) -> bool:
@@ -73,13 +74,23 @@ class MonitorConfig:
 
 def proc_name(layout: StatsLayout, row: int) -> str:
     role, idx = layout.role_of(row)
-    return role.value if role in (Role.SUPERVISOR, Role.WRITER) else f"{role.value}-{idx}"
+    if role in (Role.SUPERVISOR, Role.WRITER):
+        if layout.cells == 1:
+            return role.value
+        # with routing cells, "supervisor" is the thin parent; each cell's supervisor is "cell-k"
+        return f"cell-{idx}" if role is Role.SUPERVISOR else f"writer-{idx}"
+    return f"{role.value}-{idx}"
+
+
+def child_rows(layout: StatsLayout) -> range:
+    """Rows of processes other than the main one (which the monitor knows as its parent)."""
+    return range(1 if layout.cells == 1 else 0, layout.rows)
 
 
 def ring_rows(layout: StatsLayout, m) -> list[dict]:  # noqa: ANN001 - the stats matrix
     """Every fetcher's and worker's ring, from the start: 0 slots until the child publishes them."""
     rings = []
-    for row in range(2, layout.rows):
+    for row in range(2 * layout.cells, layout.rows):
         owned = int(m[row, F.OWNED_SLOTS])
         role, _ = layout.role_of(row)
         rings.append({"process": proc_name(layout, row), "ring": "fetch" if role is Role.FETCHER else "output",
@@ -97,7 +108,7 @@ class ProcessTable:
 
     def pids(self, m) -> dict[str, int]:  # noqa: ANN001 - the stats matrix
         out = {"supervisor": os.getppid(), "monitor": os.getpid()}
-        for row in range(1, self.layout.rows):
+        for row in child_rows(self.layout):
             pid = int(m[row, F.PID])
             if pid > 0:
                 out[proc_name(self.layout, row)] = pid
@@ -215,8 +226,8 @@ class LiveData:
             "transfers_target": tot(F.TRANSFERS_TARGET),
             "resizes_in_progress": tot(F.RESIZES_IN_PROGRESS),
             "reasons": {r: n for r, n in reason_counts(m).items() if n},
-            "queues": {"fetch": tot(F.PARKED), "worker": int(m[0, F.QUEUED_BODIES]),
-                       "writer": int(m[0, F.QUEUED_WRITES])},
+            "queues": {"fetch": tot(F.PARKED), "worker": int(m[: self.layout.cells, F.QUEUED_BODIES].sum()),
+                       "writer": int(m[: self.layout.cells, F.QUEUED_WRITES].sum())},
             "rings": rings,
             "processes": self.procs.sample(m),
             "transfers": transfers[:100],
@@ -304,7 +315,7 @@ def monitor_main(conn: Connection, cfg: MonitorConfig) -> None:
         pass
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
-    holder = _Holder(StatsLayout("", cfg.fetchers, cfg.workers))
+    holder = _Holder(StatsLayout("", cfg.fetchers, cfg.workers, cfg.cells))
     urls: dict[str, str] = {}
     servers: list[Callable[[], None]] = []
     try:
@@ -384,7 +395,10 @@ class Monitor:
 
     @classmethod
     def for_run(cls, run) -> "Monitor | None":  # noqa: ANN001 - engine.config.RunConfig
+        from .cells import cell_count
+
         web_port = run.web_port if run.web_port is not None else (0 if run.ui == "web" else None)
+        cells = cell_count(run)
         cfg = MonitorConfig(
             tui=run.ui == "tui",
             metrics_host=run.metrics_host,
@@ -394,8 +408,9 @@ class Monitor:
             out_dir=run.output.out_dir,
             boxes=run.output.annotations is not None and not run.output.sharded,
             variant_modes=tuple((v.name, str(v.mode)) for v in run.pipeline.variants),
-            fetchers=max(1, run.fetch.fetchers),  # as the supervisor starts them
+            fetchers=max(1, run.fetch.fetchers) * cells,  # as the supervisors start them
             workers=max(1, run.workers),
+            cells=cells,
         )
         return cls(cfg) if cfg.needed else None
 

@@ -90,13 +90,19 @@ class Slab:
     def write(self, slots: Sequence[int], data: bytes | memoryview, offset: int = 0) -> None:
         """Write ``data`` at byte ``offset`` of the body spread over ``slots``."""
         sb = self.slot_bytes
-        pos = 0
         n = len(data)
+        i, o = divmod(offset, sb)
+        if o + n <= sb:  # the common case (a write callback's chunk inside one slot): one copy
+            base = slots[i] * sb + o
+            self.buf[base : base + n] = data
+            return
+        view = memoryview(data)  # slicing bytes would copy every piece once more
+        pos = 0
         while pos < n:
             i, o = divmod(offset + pos, sb)
             take = min(sb - o, n - pos)
             base = slots[i] * sb + o
-            self.buf[base : base + take] = data[pos : pos + take]
+            self.buf[base : base + take] = view[pos : pos + take]
             pos += take
 
     def read(self, slots: Sequence[int], nbytes: int) -> bytes:
@@ -210,11 +216,16 @@ def slots_needed(nbytes: int, slot_bytes: int) -> int:
     return max(1, -(-nbytes // slot_bytes))
 
 
-def remove_stale_segments(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+def remove_stale_segments(
+    shm_dir: Path = Path("/dev/shm"), keep: Iterable[str] = (), creator: int | None = None
+) -> list[str]:
     """Unlink segments left by a supervisor that died without cleaning up (SIGKILL).
 
-    Segment names carry the creating pid; a segment whose creator is gone is ours to remove.
+    Segment names carry the creating pid; a segment whose creator is gone is ours to remove
+    (and one named after this very process is a leftover of an earlier life of the pid,
+    unless it is in ``keep``). With ``creator``, only that dead process's segments.
     """
+    keep = set(keep)
     removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
@@ -222,9 +233,11 @@ def remove_stale_segments(shm_dir: Path = Path("/dev/shm")) -> list[str]:
         return removed
     for name in names:
         m = _SEGMENT_RE.match(name)
-        if not m:
+        if not m or name in keep:
             continue
         pid = int(m.group(1))
+        if creator is not None and pid != creator:
+            continue
         if pid != os.getpid() and _pid_alive(pid):
             continue
         try:

@@ -71,33 +71,45 @@ class Role(str, enum.Enum):
 
 @dataclass(frozen=True)
 class StatsLayout:
-    """Which row belongs to which process; passed to children by value."""
+    """Which row belongs to which process; passed to children by value.
+
+    With several routing cells (engine.cells) each cell has a supervisor row and a writer
+    row; fetcher and worker rows are numbered across the whole run. Rows: the cells'
+    supervisors, then their writers, then every fetcher, then every worker. With one cell
+    this is the single-supervisor layout: 0 supervisor, 1 writer, fetchers, workers.
+    """
 
     name: str
     fetchers: int
     workers: int
+    cells: int = 1
 
     @property
     def rows(self) -> int:
-        return 2 + self.fetchers + self.workers
+        return 2 * self.cells + self.fetchers + self.workers
+
+    @property
+    def supervisor_rows(self) -> range:
+        return range(self.cells)
 
     def row(self, role: Role, index: int = 0) -> int:
         if role is Role.SUPERVISOR:
-            return 0
+            return index
         if role is Role.WRITER:
-            return 1
+            return self.cells + index
         if role is Role.FETCHER:
-            return 2 + index
-        return 2 + self.fetchers + index
+            return 2 * self.cells + index
+        return 2 * self.cells + self.fetchers + index
 
     def role_of(self, row: int) -> tuple[Role, int]:
-        if row == 0:
-            return Role.SUPERVISOR, 0
-        if row == 1:
-            return Role.WRITER, 0
-        if row < 2 + self.fetchers:
-            return Role.FETCHER, row - 2
-        return Role.WORKER, row - 2 - self.fetchers
+        c = self.cells
+        if row < c:
+            return Role.SUPERVISOR, row
+        if row < 2 * c:
+            return Role.WRITER, row - c
+        if row < 2 * c + self.fetchers:
+            return Role.FETCHER, row - 2 * c
+        return Role.WORKER, row - 2 * c - self.fetchers
 
 
 class Stats:
@@ -112,11 +124,11 @@ class Stats:
         self._r = self.m[row] if row is not None else None
 
     @classmethod
-    def create(cls, fetchers: int, workers: int) -> "Stats":
-        rows = StatsLayout("", fetchers, workers).rows
+    def create(cls, fetchers: int, workers: int, cells: int = 1) -> "Stats":
+        rows = StatsLayout("", fetchers, workers, cells).rows
         # the board (engine.board: named in-flight items, recent rows) follows the matrix
-        shm = new_segment(rows * N_FIELDS * 8 + board_bytes(fetchers, workers))
-        layout = StatsLayout(name=shm.name, fetchers=fetchers, workers=workers)
+        shm = new_segment(rows * N_FIELDS * 8 + board_bytes(fetchers, workers, cells))
+        layout = StatsLayout(name=shm.name, fetchers=fetchers, workers=workers, cells=cells)
         s = cls(shm, layout, row=0, owner=True)
         s.m[:] = blank(layout)
         return s
@@ -159,9 +171,13 @@ class Stats:
     def total(self, field: int) -> int:
         return int(self.m[:, field].sum())
 
+    def supervisors_total(self, field: int) -> int:
+        """A supervisor gauge (queues) summed over the cells."""
+        return int(self.m[: self.layout.cells, field].sum())
+
     def workers_processing(self) -> tuple[int, float]:
         """Images processed and processing seconds, summed over the workers (run totals)."""
-        rows = self.m[2 + self.layout.fetchers :]
+        rows = self.m[2 * self.layout.cells + self.layout.fetchers :]
         return int(rows[:, F.IMAGES_PROCESSED].sum()), float(rows[:, _PROCESS_SUM_US].sum()) / 1e6
 
     @property

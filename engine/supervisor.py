@@ -1,6 +1,8 @@
-"""Step 1 and the glue of the data flow: the supervisor (the main process).
+"""Step 1 and the glue of the data flow: the supervisor (the main process, or one routing
+cell of a run split into several: see :mod:`engine.cells`).
 
-It streams the lists, skips rows the state DB says are finished, hands rows to fetchers,
+It streams the lists (a cell keeps the rows whose ImageID hashes to it), skips rows the
+state DB says are finished, hands rows to fetchers,
 routes bodies to workers and finished rows to the writer, and gives slots back to their
 owners once the writer has committed. Every message passes through here, which is what
 makes crashes recoverable: the supervisor always knows which row and which slots each child
@@ -11,7 +13,8 @@ holds, so
   that kills two workers fails as ``worker_crash``);
 - the writer that dies: its unacknowledged rows are sent again to its replacement;
 - the supervisor that dies (even SIGKILL): the kernel kills the children (PDEATHSIG), the
-  resource tracker unlinks the segments, and the next run redoes the unfinished rows.
+  resource tracker unlinks the segments, and the next run redoes the unfinished rows (a
+  cell that dies is started again by its parent, which redoes them at once).
 
 Messages are small tuples of ints and strings; image bytes never go through a pipe.
 """
@@ -23,12 +26,14 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import queue
 import select
 import selectors
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -42,7 +47,7 @@ from .fetcher import FetchInfo, FetchJob, fetcher_main
 from .inputs import BadRow, Row
 from .layout import ORIGINAL
 from .ring import Slab, SlotRange, remove_stale_segments
-from .stats import F, Stats, StatsLayout
+from .stats import F, Role, Stats, StatsLayout
 from .worker import Decoded, OutputRef, worker_main
 from .writer import WriteRecord, original_ext, writer_main
 
@@ -64,6 +69,31 @@ class RunError(Exception):
     """A run that cannot go on (unwritable output, a child that keeps dying)."""
 
 
+@dataclass(frozen=True)
+class CellSpec:
+    """What a supervisor running as one routing cell of a bigger run needs (engine.cells).
+
+    The cell takes the rows whose ImageID hashes to ``index`` (see :func:`cell_of`), reports
+    into rows of a stats segment the parent owns, and numbers its fetchers and workers from
+    ``fetcher_base`` / ``worker_base`` in that segment. Row sequence numbers are unique across
+    cells (``index + 1``, then every ``count``) so the board can name any cell's images.
+    """
+
+    index: int
+    count: int
+    layout: StatsLayout
+    fetcher_base: int
+    worker_base: int
+    list_ids: tuple[int, ...]
+    #: a replacement for a cell that died: rows its predecessors committed are counted already
+    restarted: bool = False
+
+
+def cell_of(key: str, cells: int) -> int:
+    """The routing cell of a row: a stable hash of its ImageID (the same in every run)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % cells if cells > 1 else 0
+
+
 @dataclass
 class _Row:
     """A row in flight, from dispatch to the writer's acknowledgement."""
@@ -79,6 +109,10 @@ class _Row:
     decoded: Decoded | None = None
     record: WriteRecord | None = None
     crashes: int = 0
+    #: the list's OriginalMD5 (hex) the worker checks the body against; the body's own MD5,
+    #: computed by the worker where the bytes are hot anyway (workers multiply with --procs)
+    md5_expected: str | None = None
+    md5: str | None = None
     #: in an open shard: its slots are free again, its row not committed yet (sharded formats)
     released: bool = False
 
@@ -155,14 +189,44 @@ class RunSummary:
     broken_lists: tuple[str, ...] = ()
 
 
+def prepare_run(cfg: RunConfig) -> tuple[sqlite3.Connection, list[int]]:
+    """Output directories, leftovers of a run that died removed, state DB, lists registered.
+
+    Raises inputs.ListError for a list that cannot be read (a usage error).
+    """
+    out = cfg.output
+    out.out_dir.mkdir(parents=True, exist_ok=True)
+    out.db_path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a run that died: temporary files and shared segments.
+    shutil.rmtree(out.tmp_dir, ignore_errors=True)
+    out.tmp_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_segments()
+    if removed:
+        log.info("removed %d stale shared-memory segments", len(removed))
+    state.init(out.db_path)
+    db = state.connect(out.db_path)
+    state.record_run_option(db, "apply_rotation", "1" if cfg.pipeline.apply_rotation else "0")
+    list_ids = []
+    for path in cfg.lists:
+        info = inputs.list_info(path)
+        list_ids.append(state.register_list(db, os.path.abspath(path), info.kind.value, info.columns))
+    return db, list_ids
+
+
 class Supervisor:
-    def __init__(self, cfg: RunConfig, on_tick: Callable[["Supervisor"], None] | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, on_tick: Callable[["Supervisor"], None] | None = None, cell: CellSpec | None = None
+    ) -> None:
         self.cfg = cfg
         self.on_tick = on_tick
+        self.cell = cell
         self.ctx = mp.get_context("spawn")  # never fork a process that runs libcurl/libvips threads
         self.rows: dict[int, _Row] = {}
         self.by_id: dict[str, int] = {}
-        self.seq = 0
+        # sequence numbers unique across cells: cell k uses k+1, k+1+n, k+1+2n...
+        self.seq_step = cell.count if cell else 1
+        self.seq = (cell.index + 1 - cell.count) if cell else 0
+        self.skip_absorb = 0  # see _skip
         self.bodies: deque[int] = deque()  # seqs with a body waiting for a worker
         self.to_writer: list[WriteRecord] = []
         self.fetchers: list[_Child] = []
@@ -185,21 +249,11 @@ class Supervisor:
     def _prepare(self) -> None:
         cfg = self.cfg
         out = cfg.output
-        out.out_dir.mkdir(parents=True, exist_ok=True)
-        out.db_path.parent.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a run that died: temporary files and shared segments.
-        shutil.rmtree(out.tmp_dir, ignore_errors=True)
-        out.tmp_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_segments()
-        if removed:
-            log.info("removed %d stale shared-memory segments", len(removed))
-        state.init(out.db_path)
-        self.db = state.connect(out.db_path)
-        state.record_run_option(self.db, "apply_rotation", "1" if cfg.pipeline.apply_rotation else "0")
-        self.list_ids = []
-        for path in cfg.lists:
-            info = inputs.list_info(path)
-            self.list_ids.append(state.register_list(self.db, os.path.abspath(path), info.kind.value, info.columns))
+        if self.cell is not None:  # the parent prepared the output, the DB and the lists
+            self.db = state.connect(out.db_path)
+            self.list_ids = list(self.cell.list_ids)
+            return
+        self.db, self.list_ids = prepare_run(cfg)
 
     def _start_children(self) -> None:
         cfg = self.cfg
@@ -211,7 +265,21 @@ class Supervisor:
         self.fetch_ranges = [SlotRange(i * rc.fetch_slots, (i + 1) * rc.fetch_slots) for i in range(nf)]
         base = nf * rc.fetch_slots
         self.worker_ranges = [SlotRange(base + j * rc.worker_slots, base + (j + 1) * rc.worker_slots) for j in range(nw)]
-        self.stats = Stats.create(nf, nw)
+        cell = self.cell
+        if cell is None:
+            self.stats = Stats.create(nf, nw)
+            self.fetcher_base = self.worker_base = self.cell_index = 0
+        else:
+            self.stats = Stats.attach(cell.layout, Role.SUPERVISOR, cell.index)
+            self.fetcher_base, self.worker_base, self.cell_index = cell.fetcher_base, cell.worker_base, cell.index
+            if cell.restarted:
+                # The lists are read again from the top: rows committed by this cell's earlier
+                # instances (and rows they skipped) are skipped again without being counted twice.
+                m = self.stats.m
+                lay = cell.layout
+                self.skip_absorb = int(m[lay.row(Role.SUPERVISOR, cell.index), F.SKIPPED]) + sum(
+                    int(m[lay.row(Role.WRITER, cell.index), f]) for f in (F.IMAGES_OK, F.IMAGES_FAILED)
+                )
         self.layout = self.stats.layout
         self.writer = self._spawn_writer()
         self.fetchers = [self._spawn_fetcher(i) for i in range(nf)]
@@ -244,29 +312,41 @@ class Supervisor:
 
     def _spawn_fetcher(self, i: int) -> _Child:
         rng = self.fetch_ranges[i]
+        g = self.fetcher_base + i  # its number in the run: stats row, board section, process name
         return self._spawn(
-            f"oidl-fetcher-{i}", fetcher_main, (i,), self.cfg.fetch, self.slab.name, self.slab.slot_bytes, rng,
+            f"oidl-fetcher-{g}", fetcher_main, (g,), self.cfg.fetch, self.slab.name, self.slab.slot_bytes, rng,
             self._free_in_range(rng), self.layout,
         )
 
     def _spawn_worker(self, j: int) -> _Child:
         rng = self.worker_ranges[j]
+        g = self.worker_base + j
         return self._spawn(
-            f"oidl-worker-{j}", worker_main, (j,), self.cfg.pipeline, self.slab.name, self.slab.slot_bytes, rng,
+            f"oidl-worker-{g}", worker_main, (g,), self.cfg.pipeline, self.slab.name, self.slab.slot_bytes, rng,
             self._free_in_range(rng), self.layout,
         )
 
     def _spawn_writer(self) -> _Child:
-        return self._spawn("oidl-writer", writer_main, (), self.cfg.output, self.slab.name, self.slab.slot_bytes, self.layout)
+        k = self.cell_index
+        return self._spawn(
+            "oidl-writer" if self.cell is None else f"oidl-writer-{k}", writer_main, (), self.cfg.output,
+            self.slab.name, self.slab.slot_bytes, self.layout, k,
+        )
 
     # -- feeding ------------------------------------------------------------------------
     def _iter_feed(self) -> Iterator[tuple[Row | BadRow, int]]:
         """Rows still to do, in list order, skipping rows the DB says are finished."""
         cfg = self.cfg
         it = inputs.iter_rows(list(cfg.lists), subset=cfg.subset, limit=cfg.limit, on_broken=self._list_broken)
+        cells = self.cell.count if self.cell else 1
+        mine = self.cell_index
         while True:
             batch = []
             for item in it:
+                # --limit counts rows of the lists (every cell reads them all), then each cell
+                # keeps its own: the partition is by ImageID, so duplicates meet in one cell
+                if cells > 1 and cell_of(self._key(item), cells) != mine:
+                    continue
                 batch.append(item)
                 if len(batch) >= _FEED_BATCH:
                     break
@@ -276,10 +356,16 @@ class Supervisor:
             done = state.finished_ids(self.db, keys, include_failed=not cfg.retry_failed)
             for item, key in zip(batch, keys):
                 if key in done:
-                    self.skipped += 1
-                    self.stats.add(F.SKIPPED)
+                    self._skip()
                     continue
                 yield item, self.list_ids[item.list_index]
+
+    def _skip(self) -> None:
+        self.skipped += 1
+        if self.skip_absorb > 0:  # counted already by an earlier instance of this cell
+            self.skip_absorb -= 1
+            return
+        self.stats.add(F.SKIPPED)
 
     def _list_broken(self, e: inputs.ListBroken) -> None:
         """A list that breaks part-way: its rows so far are done, the next list is read."""
@@ -324,10 +410,9 @@ class Supervisor:
                 break
             key = self._key(item)
             if key in self.by_id:  # the same ImageID twice in the run's lists
-                self.skipped += 1
-                self.stats.add(F.SKIPPED)
+                self._skip()
                 continue
-            self.seq += 1
+            self.seq += self.seq_step
             r = _Row(self.seq, item, list_id)
             self.rows[r.seq] = r
             self.by_id[key] = r.seq
@@ -343,6 +428,7 @@ class Supervisor:
                 self._finish_failed(r, Reason.BAD_URL, f"only http and https are fetched: {url[:200]}")
                 continue
             r.url = url
+            r.md5_expected = md5 if self.cfg.fetch.verify else None
             jobs.append(FetchJob(r.seq, url, size, md5, self._local_original(item.image_id)))
         for job in jobs:
             self.rows[job.seq].fetcher = fetcher
@@ -376,7 +462,7 @@ class Supervisor:
             detail=detail,
             url=info.url if info else r.url,
             nbytes=r.body[1] if r.body else None,
-            md5=info.md5_hex if info else None,
+            md5=r.md5 or (info.md5_hex if info and info.md5_hex else None),  # a body's: the worker's
             width=d.width if d else None,
             height=d.height if d else None,
             format=d.format if d else None,
@@ -514,13 +600,14 @@ class Supervisor:
 
     def _on_worker(self, j: int, msg: tuple) -> None:
         child = self.workers[j]
-        _, seq, out = msg
+        _, seq, out, md5 = msg
         child.outstanding -= 1
         child.holds.discard(seq)
         r = self.rows.get(seq)
         if r is None:
             return
         r.worker = -1
+        r.md5 = md5
         if out[0] == "ok":
             r.decoded = out[1]
             self._finish_ok(r)
@@ -537,7 +624,7 @@ class Supervisor:
             r = self.rows[seq]
             assert r.body is not None and isinstance(r.row, Row)
             rot = r.row.rotation
-            self._send(w, ("job", seq, r.body[0], r.body[1], rot))
+            self._send(w, ("job", seq, r.body[0], r.body[1], rot, r.md5_expected))
             w.outstanding += 1
             w.holds.add(seq)
             r.worker = j
@@ -628,21 +715,19 @@ class Supervisor:
     def run(self) -> RunSummary:
         t0 = time.monotonic()
         self._prepare()
-        old_int = signal.signal(signal.SIGINT, self._handle_signal)
+        # A cell hears only SIGTERM, from its parent (which turns every Ctrl-C into one):
+        # the terminal's SIGINT reaches the whole process group and would count twice.
+        old_int = signal.signal(signal.SIGINT, self._handle_signal) if self.cell is None else None
         old_term = signal.signal(signal.SIGTERM, self._handle_signal)
         try:
             self._start_children()
             self.feed = self._iter_feed()
-            # Counting a 9M-row list takes seconds of CPU: a process of its own keeps it off
-            # the routing loop's GIL. It writes the total into the stats and exits.
-            self.counter = self.ctx.Process(
-                target=count_main, args=(self.cfg.lists, self.cfg.subset, self.cfg.limit, self.layout),
-                name="oidl-counter", daemon=True,
-            )
-            self.counter.start()
+            if self.cell is None:
+                self.counter = start_counter(self.ctx, self.cfg, self.layout)
             self._loop()
         finally:
-            signal.signal(signal.SIGINT, old_int)
+            if old_int is not None:
+                signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             self._shutdown()
         return RunSummary(self.ok, self.failed, self.skipped, dict(self.reasons), time.monotonic() - t0,
@@ -774,9 +859,18 @@ class Supervisor:
             self.slab.close()
         if hasattr(self, "db"):
             self.db.close()
-        shutil.rmtree(self.cfg.output.tmp_dir, ignore_errors=True)
+        if self.cell is None:  # a cell's parent removes it once every cell is done
+            shutil.rmtree(self.cfg.output.tmp_dir, ignore_errors=True)
         if self.fatal:
             raise RunError(self.fatal)
+
+
+def start_counter(ctx, cfg: RunConfig, layout: StatsLayout) -> mp.process.BaseProcess:  # noqa: ANN001
+    """Counting a 9M-row list takes seconds of CPU: a process of its own keeps it off the
+    routing loop's GIL. It writes the total into the stats and exits."""
+    p = ctx.Process(target=count_main, args=(cfg.lists, cfg.subset, cfg.limit, layout), name="oidl-counter", daemon=True)
+    p.start()
+    return p
 
 
 def count_main(lists: tuple[str, ...], subset: str | None, limit: int | None, layout: StatsLayout) -> None:

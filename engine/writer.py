@@ -53,7 +53,7 @@ class WriteRecord(NamedTuple):
 
 
 class Writer:
-    def __init__(self, conn: Connection, cfg: OutputConfig, slab: Slab, stats: Stats) -> None:
+    def __init__(self, conn: Connection, cfg: OutputConfig, slab: Slab, stats: Stats, index: int = 0) -> None:
         self.conn = conn
         self.cfg = cfg
         self.slab = slab
@@ -61,7 +61,7 @@ class Writer:
         cfg.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.db = state.connect(cfg.db_path)
         self.columns = {lid: cols for lid, (_, _, cols) in state.lists(self.db).items()}
-        self.board = Board.of(stats).writer()
+        self.board = Board.of(stats).writer(index)
         self.sinks = open_sinks(cfg, self.db)
         self.ann = self.sinks.annotations
         # one thread: the annotations DB connection is used from it only
@@ -219,11 +219,14 @@ class Writer:
             self.stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
 
 
-def writer_main(conn: Connection, cfg: OutputConfig, slab_name: str, slot_bytes: int, layout: StatsLayout) -> None:
-    with pipeline_child("writer", slab_name, slot_bytes, layout, Role.WRITER) as (slab, stats):
+def writer_main(
+    conn: Connection, cfg: OutputConfig, slab_name: str, slot_bytes: int, layout: StatsLayout, index: int = 0
+) -> None:
+    name = "writer" if layout.cells == 1 else f"writer-{index}"
+    with pipeline_child(name, slab_name, slot_bytes, layout, Role.WRITER, index) as (slab, stats):
         writer = None
         try:
-            writer = Writer(conn, cfg, slab, stats)
+            writer = Writer(conn, cfg, slab, stats, index)
             writer.run()
         except (EOFError, BrokenPipeError):
             pass  # the supervisor is gone

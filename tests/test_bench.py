@@ -36,7 +36,7 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert result["server"] == ("nginx" if nginx else "loopback")
     assert ("server_note" in result) == (not nginx)
     scen = result["scenarios"]
-    assert set(scen) == {"one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "shards"}
+    assert set(scen) == {"one-size", "three-sizes", "slow-hosts", "big-list", "fetch-only", "shards", "scale-out"}
     shards = scen["shards"]
     for run in (shards["engine"], *shards["files"].values()):
         assert run["returncode"] == 0 and run["rows"] == {"ok": shards["images"]}, run.get("stderr_tail")
@@ -75,6 +75,16 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert fetch["engine"]["rows"] == {"ok": fetch["images"]}, fetch["engine"].get("failure_reasons")
     assert fetch["engine"]["requests_per_s_per_fetcher"] > 0
     assert fetch["network_ceiling"]["requests_per_s"] > 0
+
+    scale = scen["scale-out"]
+    low, high = (scale["runs"][str(p)] for p in scale["procs"])
+    for run in (low, high):
+        assert run["returncode"] == 0 and run["rows"] == {"ok": scale["images"]}, run.get("stderr_tail")
+        assert run["steady_state"]["images"] > 0 and run["steady_state"]["kinds"]["oidl-worker"]["processes"] >= 2
+    # the high --procs run is split into routing cells; the main process routes no rows
+    assert high["steady_state"]["kinds"]["oidl-cell"]["processes"] == 2
+    assert "oidl-cell" not in scale["single_process_kinds"] and "oidl-worker" not in scale["single_process_kinds"]
+    assert scale["ratios"]["steady_high_vs_low"] > 0
 
     assert 0 < result["peak_rss_mib"] < 4096
     assert "| one-size | engine / ceiling |" in result["table"]
