@@ -197,9 +197,12 @@ def test_engine_raises_the_target_on_slow_hosts(tmp_path: Path, files) -> None:
     assert shown and max(shown) > _START, err[-2000:]  # the progress line shows the target
     # Past the first bodies, faster than the starting target could ever go: START in flight
     # allow START / transfer_s img/s however fast the workers are.
-    t0 = next(s["t"] for s in samples if s["ok"] >= 0.1 * n)
-    t1 = next(s["t"] for s in samples if s["ok"] >= 0.9 * n)
-    assert 0.8 * n / (t1 - t0) > 1.5 * _START / transfer_s, (t1 - t0, target)
+    # (the last tenth can land between two scrapes and the run end: then the last sample counts)
+    s0 = next(s for s in samples if s["ok"] >= 0.1 * n)
+    s1 = next((s for s in samples if s["ok"] >= 0.9 * n), samples[-1])
+    assert s1["ok"] - s0["ok"] >= 0.5 * n, (s0, s1)  # most of the run was watched
+    rate = (s1["ok"] - s0["ok"]) / (s1["t"] - s0["t"])
+    assert rate > 1.5 * _START / transfer_s, (rate, target)
 
 
 def test_engine_target_respects_the_memory_cap(tmp_path: Path, files) -> None:
