@@ -238,13 +238,23 @@ def steady_state(progress: Sequence[tuple[float, int, dict[int, tuple[str, float
     """
     # the last sample at or before lo and the first at or after hi: two samples even when a
     # short (smoke) run crosses both marks between two of them
-    a = next((x for x in reversed(progress) if x[1] <= lo * total), progress[0] if progress else None)
-    b = next((x for x in progress if x[1] >= hi * total), None)
-    if a is None or b is None or b[1] <= a[1] or b[0] <= a[0]:
+    if not progress:
+        return None
+    ia = next((i for i in range(len(progress) - 1, -1, -1) if progress[i][1] <= lo * total), 0)
+    ib = next((i for i in range(len(progress)) if progress[i][1] >= hi * total), None)
+    if ib is None:
+        return None
+    a, b = progress[ia], progress[ib]
+    if b[1] <= a[1] or b[0] <= a[0]:
         return None
     images = b[1] - a[1]
+    # A process that exits inside the window (on a short run the workers may be gone by the
+    # time the last rows are committed) counts with its last sampled CPU.
+    last: dict[int, tuple[str, float]] = {}
+    for x in progress[ia : ib + 1]:
+        last.update(x[2])
     kinds: dict[str, dict[str, Any]] = {}
-    for pid, (name, cpu1) in b[2].items():
+    for pid, (name, cpu1) in last.items():
         cpu0 = a[2].get(pid, (name, 0.0))[1]
         ms = 1000 * (cpu1 - cpu0) / images
         k = kinds.setdefault(_ROLE_RE.sub("", name), {"processes": 0, "max_ms_per_image": 0.0, "sum_ms_per_image": 0.0})

@@ -89,3 +89,19 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
     assert 0 < result["peak_rss_mib"] < 4096
     assert "| one-size | engine / ceiling |" in result["table"]
     assert "| three-sizes | engine / fastest pipeline |" in result["table"]
+
+
+def test_steady_state_counts_processes_that_exit_inside_the_window() -> None:
+    """On a short run the workers can be gone when the last rows commit: they still count."""
+    from bench.measure import steady_state
+
+    progress = [
+        (0.0, 0, {1: ("oidl-engine", 0.1), 2: ("oidl-worker-0", 0.0)}),
+        (1.0, 20, {1: ("oidl-engine", 0.2), 2: ("oidl-worker-0", 0.5)}),
+        (2.0, 60, {1: ("oidl-engine", 0.3), 2: ("oidl-worker-0", 1.3)}),
+        (3.0, 100, {1: ("oidl-engine", 0.4)}),  # the worker has exited
+    ]
+    s = steady_state(progress, 100)
+    assert s is not None and s["images"] == 80
+    assert s["kinds"]["oidl-worker"]["processes"] == 1
+    assert s["kinds"]["oidl-worker"]["max_ms_per_image"] == round(1000 * (1.3 - 0.5) / 80, 3)
