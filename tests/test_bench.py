@@ -88,7 +88,7 @@ def test_smoke_runs_every_scenario(tmp_path: Path) -> None:
 
     assert 0 < result["peak_rss_mib"] < 4096
     assert "| one-size | engine / ceiling |" in result["table"]
-    assert "| three-sizes | engine / fastest pipeline |" in result["table"]
+    assert "| three-sizes | engine / fastest pipeline, whole run |" in result["table"]
 
 
 def test_steady_state_counts_processes_that_exit_inside_the_window() -> None:
