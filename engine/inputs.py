@@ -35,12 +35,13 @@ import gzip
 import hashlib
 import io
 import itertools
+import logging
 import math
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 from engine.errors import Reason
 
@@ -100,6 +101,24 @@ class ListKind(str, enum.Enum):
 
 class ListError(Exception):
     """A list cannot be read at all; the message is one line, fit to show the user."""
+
+
+_T = TypeVar("_T")
+log = logging.getLogger(__name__)
+
+
+def next_or_none(feed: Iterator[_T], broken: list[str]) -> _T | None:
+    """The feed's next item, or None at its end or when a list can no longer be read at all
+    (gone since the start: logged once and added to ``broken``; the rows before it stand).
+    A list that breaks part-way is reported through ``iter_rows``' ``on_broken`` instead."""
+    try:
+        return next(feed)
+    except StopIteration:
+        return None
+    except ListError as e:
+        log.error("%s; the rows before it are processed, the rest of that list is not", e)
+        broken.append(str(e))
+        return None
 
 
 class ListBroken(ListError):

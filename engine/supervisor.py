@@ -398,16 +398,11 @@ class Supervisor:
             jobs.append(self._job(r))
         while len(jobs) < n and not self.feed_done and not self.stop_signals:
             assert self.feed is not None
-            try:
-                item, list_id = next(self.feed)
-            except StopIteration:
+            got = inputs.next_or_none(self.feed, self.broken_lists)
+            if got is None:
                 self.feed_done = True
                 break
-            except inputs.ListError as e:  # a list gone since the start (breaks part-way: _list_broken)
-                log.error("%s; the rows before it are processed, the rest of that list is not", e)
-                self.broken_lists.append(str(e))
-                self.feed_done = True
-                break
+            item, list_id = got
             key = self._key(item)
             if key in self.by_id:  # the same ImageID twice in the run's lists
                 self._skip()

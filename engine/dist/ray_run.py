@@ -374,14 +374,8 @@ class RayDriver:
             if self.pending_item is not None:
                 item, self.pending_item = self.pending_item, None
             else:
-                try:
-                    item = next(self.feed)
-                except StopIteration:
-                    self.feed_done = True
-                    break
-                except inputs.ListError as e:  # a list gone since the start (breaks part-way: _list_broken)
-                    log.error("%s; the rows before it are processed, the rest of that list is not", e)
-                    self.broken_lists.append(str(e))
+                item = inputs.next_or_none(self.feed, self.broken_lists)
+                if item is None:
                     self.feed_done = True
                     break
             if isinstance(item, BadRow):
