@@ -21,6 +21,7 @@ Messages are small tuples of ints and strings; image bytes never go through a pi
 
 from __future__ import annotations
 
+import heapq
 import logging
 import multiprocessing as mp
 import os
@@ -57,6 +58,10 @@ log = logging.getLogger("oidl")
 _WORKER_DEPTH = 2
 #: rows read from the lists per DB lookup of finished rows
 _FEED_BATCH = 512
+#: rows read ahead of the fetchers: this many times what they hold (in flight and queued),
+#: at most this many (see _read_ahead)
+_AHEAD_PER_HELD = 4
+_AHEAD_MAX = 16384
 #: extensions an original may have been saved under (the sniffed format's)
 _ORIGINAL_EXTS = ("jpg", "png", "gif", "webp", "jpeg", "bin")
 #: a child restarted more often than this is broken, not unlucky
@@ -235,6 +240,14 @@ class Supervisor:
         self.feed: Iterator[tuple[Row | BadRow, int]] | None = None
         self.feed_done = False
         self.refeed: deque[int] = deque()  # seqs to fetch again (their fetcher died)
+        # rows read from the lists, not handed out yet (see _read_ahead): in list order, as
+        # (index in the lists, job); the larger ones also as (index of their early turn, seq,
+        # job); seqs handed out early, still to be dropped from self.ahead
+        self.ahead: deque[tuple[int, FetchJob]] = deque()
+        self.early: list[tuple[float, int, FetchJob]] = []
+        self.handed: set[int] = set()
+        self.read = 0  # rows of the lists read so far
+        self.sizes = (0, 0)  # known OriginalSizes read so far: (count, total bytes)
         self.stop_signals = 0
         self.stop_signal = 0
         self.fatal: str | None = None
@@ -396,39 +409,89 @@ class Supervisor:
         while len(jobs) < n and self.refeed:
             r = self.rows[self.refeed.popleft()]
             jobs.append(self._job(r))
-        while len(jobs) < n and not self.feed_done and not self.stop_signals:
-            assert self.feed is not None
-            got = inputs.next_or_none(self.feed, self.broken_lists)
-            if got is None:
-                self.feed_done = True
+        self._read_ahead(n)
+        ahead, early = self.ahead, self.early
+        while len(jobs) < n:
+            while ahead and ahead[0][1].seq in self.handed:  # handed out early already
+                self.handed.discard(ahead.popleft()[1].seq)
+            if early and (not ahead or early[0][0] <= ahead[0][0]):  # a large body's early turn
+                job = heapq.heappop(early)[2]
+                self.handed.add(job.seq)
+            elif ahead:
+                job = ahead.popleft()[1]
+            else:
                 break
-            item, list_id = got
-            key = self._key(item)
-            if key in self.by_id:  # the same ImageID twice in the run's lists
-                self._skip()
-                continue
-            self.seq += self.seq_step
-            r = _Row(self.seq, item, list_id)
-            self.rows[r.seq] = r
-            self.by_id[key] = r.seq
-            if isinstance(item, BadRow):
-                log.warning("%s:%d: %s", item.path, item.line, item.error)
-                self._finish_failed(r, item.reason, f"{item.path}:{item.line}: {item.error}")
-                continue
-            url, size, md5 = self._resolve(item)
-            if not url:
-                self._finish_failed(r, Reason.BAD_URL, f"no URL for source {self.cfg.source.source!r}")
-                continue
-            if not url.lower().startswith(("http://", "https://")):
-                self._finish_failed(r, Reason.BAD_URL, f"only http and https are fetched: {url[:200]}")
-                continue
-            r.url = url
-            r.md5_expected = md5 if self.cfg.fetch.verify else None
-            jobs.append(FetchJob(r.seq, url, size, md5, self._local_original(item.image_id)))
+            jobs.append(job)
         for job in jobs:
             self.rows[job.seq].fetcher = fetcher
             self.fetchers[fetcher].holds.add(job.seq)
         return jobs
+
+    def _read_ahead(self, n: int) -> None:
+        """Read rows ahead of the fetchers, so that large bodies can start before their turn.
+
+        The run ends when its slowest transfer does: a 2 MB body from a host that gives a
+        connection 100 KB/s takes 20 s, and one handed out among the list's last rows holds
+        the whole run up for that long after every other row is done. So a row larger than
+        the mean (the lists' OriginalSize) is handed out as many rows before its turn as are
+        taken while its extra bytes download: by Little's law, what the fetchers hold (in
+        flight and queued) times its size over the mean, less one. It then ends about when
+        its turn would have come, and in steady state as many large bodies are in flight as
+        in list order (the ring's memory is the same). The window grows by at most n rows
+        per request of n, so when it grows, at most twice the usual share of large rows fall
+        due at once. Order does not matter for correctness: rows are finished by ImageID.
+        """
+        if self.feed_done or self.stop_signals:
+            return
+        held = sum(len(f.holds) for f in self.fetchers)
+        window = min(_AHEAD_MAX, max(2 * n, _AHEAD_PER_HELD * held))
+        budget = n + n // 2
+        while len(self.ahead) < window and budget > 0 and not self.feed_done:
+            i = self.read
+            job = self._read_one()
+            if job is None:
+                continue
+            budget -= 1
+            self.ahead.append((i, job))
+            size = job.expected_size
+            if not size:
+                continue
+            k, total = self.sizes = (self.sizes[0] + 1, self.sizes[1] + size)
+            lead = min(window, held / 2 * (size * k / total - 1))  # held: in flight and as many queued
+            if lead >= 1:
+                heapq.heappush(self.early, (i - lead, job.seq, job))
+
+    def _read_one(self) -> FetchJob | None:
+        """The next row of the lists, to fetch; None for a row finished at once, or the end."""
+        assert self.feed is not None
+        got = inputs.next_or_none(self.feed, self.broken_lists)
+        if got is None:
+            self.feed_done = True
+            return None
+        item, list_id = got
+        self.read += 1
+        key = self._key(item)
+        if key in self.by_id:  # the same ImageID twice in the run's lists
+            self._skip()
+            return None
+        self.seq += self.seq_step
+        r = _Row(self.seq, item, list_id)
+        self.rows[r.seq] = r
+        self.by_id[key] = r.seq
+        if isinstance(item, BadRow):
+            log.warning("%s:%d: %s", item.path, item.line, item.error)
+            self._finish_failed(r, item.reason, f"{item.path}:{item.line}: {item.error}")
+            return None
+        url, size, md5 = self._resolve(item)
+        if not url:
+            self._finish_failed(r, Reason.BAD_URL, f"no URL for source {self.cfg.source.source!r}")
+            return None
+        if not url.lower().startswith(("http://", "https://")):
+            self._finish_failed(r, Reason.BAD_URL, f"only http and https are fetched: {url[:200]}")
+            return None
+        r.url = url
+        r.md5_expected = md5 if self.cfg.fetch.verify else None
+        return FetchJob(r.seq, url, size, md5, self._local_original(item.image_id))
 
     def _job(self, r: _Row) -> FetchJob:
         assert isinstance(r.row, Row) and r.url
@@ -747,6 +810,15 @@ class Supervisor:
                 for seq in self.refeed:
                     self.rows.pop(seq, None)
                 self.refeed.clear()
+                for _, job in self.ahead:
+                    if job.seq in self.handed:  # handed out early: in the holds above, or done
+                        continue
+                    r = self.rows.pop(job.seq, None)
+                    if r is not None:
+                        self.by_id.pop(self._key(r.row), None)
+                self.ahead.clear()
+                self.early.clear()
+                self.handed.clear()
             if self.stop_signals > 1 or self.fatal:
                 return
             if stopping_since is not None and time.monotonic() - stopping_since > self.cfg.shutdown_grace_s:
