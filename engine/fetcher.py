@@ -116,6 +116,7 @@ class _Attempt:
         "resume_from",
         "total",
         "paused",
+        "promised",
     )
 
     def __init__(self, job: FetchJob, host: str) -> None:
@@ -136,6 +137,7 @@ class _Attempt:
         self.resume_from = 0
         self.total = -1  # expected body size (resume offset + Content-Length), -1 unknown: for the UIs
         self.paused = False  # waiting in Fetcher.paused for a free slot
+        self.promised = 0  # free slots set aside for this body's next bytes (see Fetcher.promised)
 
     def reset_body(self) -> list[int]:
         freed = self.slots
@@ -206,6 +208,12 @@ class Fetcher:
         # Our slots now held by the supervisor, a worker or the writer. When none are and the
         # ring is full, no slot will ever come back: see _resume_paused.
         self.downstream = len(slots) - len(free)
+        # Free slots promised to transfers in flight for their expected bodies, taken only as
+        # bytes arrive: a body reserves its room when it starts (so the ring never fills with
+        # half-bodies that all wait for a slot), but only the pages of bytes received are
+        # touched. A slow body is half there on average, so the in-flight memory is about
+        # half what the promises add up to. Always <= len(self.free).
+        self.promised = 0
         # What to reserve for a body of unknown size (plain URL lists), learnt as bodies come;
         # a body larger than its reservation takes more slots as it arrives.
         self.mean_body_bytes = 256 * 1024.0
@@ -262,7 +270,9 @@ class Fetcher:
                 return 0
             need = -(-(a.nbytes + n) // slot_bytes) - len(a.slots)
             if need > 0:
-                if len(free) < need:
+                # beyond its promise (a body larger than expected), a body takes only free
+                # slots nobody was promised
+                if need > a.promised and len(free) - self.promised < need - a.promised:
                     # Backpressure: the ring is full downstream. Pause this transfer (libcurl
                     # keeps the chunk and redelivers it) instead of buffering in memory.
                     if not a.paused:
@@ -270,6 +280,9 @@ class Fetcher:
                         self.paused_n += 1
                         paused.append(a)
                     return pycurl.WRITEFUNC_PAUSE
+                kept = min(need, a.promised)
+                a.promised -= kept
+                self.promised -= kept
                 for _ in range(need):
                     a.slots.append(free.pop())
             slab.write(a.slots, data, a.nbytes)
@@ -368,7 +381,7 @@ class Fetcher:
             if a.job.expected_size is not None and size != a.job.expected_size:
                 return False
             need = slots_needed(size, self.slab.slot_bytes)
-            if len(self.free) < need:
+            if len(self.free) - self.promised < need:
                 return False
             slots = [self.free.pop() for _ in range(need)]
             md5 = hashlib.md5()
@@ -392,6 +405,8 @@ class Fetcher:
         a = self.active.pop(c)
         self.multi.remove_handle(c)
         a.curl = None
+        self.promised -= a.promised  # a retry promises again when it starts
+        a.promised = 0
         h = self.hosts[a.host]
         h.active -= 1
         if a.paused:
@@ -541,8 +556,8 @@ class Fetcher:
             return
         # Room within the usable ring; when none of our slots is in use anything that fits
         # the free list may start (a body larger than the usable ring must not wait forever).
-        in_use = len(self.slot_range) - len(self.free)
-        room = self.usable - in_use if in_use else len(self.free)
+        committed = len(self.slot_range) - len(self.free) + self.promised
+        room = self.usable - committed if committed else len(self.free)
         while budget > 0 and order and skipped < len(order) and self.free and not self.paused_n:
             host = order[0]
             q = self.queues[host]
@@ -553,7 +568,7 @@ class Fetcher:
                 continue
             a = q[0]
             want = self._slots_to_reserve(a)
-            if want > len(self.free) or want > room:
+            if want > len(self.free) - self.promised or want > room:
                 break  # the ring is spoken for: wait until bodies move on
             q.popleft()
             self.queued -= 1
@@ -564,17 +579,17 @@ class Fetcher:
             skipped = 0
             if a.job.local_path and self._load_local(a):
                 continue
-            a.slots.extend(self.free.pop() for _ in range(want))
+            a.promised = want
+            self.promised += want
             room -= want
             self._start(a)
             budget -= 1
 
     def _slots_to_reserve(self, a: _Attempt) -> int:
-        """Slots a transfer takes before it starts: room for its whole expected body.
+        """Slots promised to a transfer before it starts: room for its whole expected body.
 
         Without this, 2,000 slow transfers each wrote their first chunks, the ring filled
         with half-bodies and every transfer paused, waiting for a slot none would free.
-        Reserving only takes slot numbers; pages are touched when written.
         """
         size = a.job.expected_size or int(self.mean_body_bytes)
         want = min(slots_needed(size, self.slab.slot_bytes), self.reserve_cap)
@@ -651,7 +666,7 @@ class Fetcher:
         # re-pauses inside pause(CONT) goes to the back; at most one pass over the queue.
         progressed = False
         for _ in range(len(paused)):
-            if not self.free:
+            if len(self.free) <= self.promised:
                 break
             a = paused.popleft()
             if not a.paused or a.curl is None:
@@ -753,7 +768,7 @@ class Fetcher:
             stats.set(F.DOWNLOADS_IN_PROGRESS, len(self.active))
             stats.set(F.PARKED, len(self.parked) + self.queued)
             # the ring as the UIs show it: the usable part (the segment is sized for the cap)
-            stats.set(F.FREE_SLOTS, max(0, len(self.free) - (len(self.slot_range) - self.usable)))
+            stats.set(F.FREE_SLOTS, max(0, len(self.free) - self.promised - (len(self.slot_range) - self.usable)))
             stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
             self.board.publish(self.active.values(), now)
         for c in list(self.active):

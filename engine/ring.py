@@ -37,7 +37,7 @@ _SEGMENT_RE = re.compile(r"^oidl-(\d+)-[0-9a-f]+$")
 class RingConfig:
     slot_bytes: int = 64 * 1024
     #: slots owned by each fetcher for downloaded bodies
-    fetch_slots: int = 8192  # 512 MiB of address space per fetcher (a cap); touched only as used
+    fetch_slots: int = 12288  # 768 MiB of address space per fetcher (a cap); touched only as used
     #: slots owned by each worker for encoded outputs
     worker_slots: int = 1024  # 64 MiB per worker
 
