@@ -193,6 +193,43 @@ class Slab:
         close_segment(self._shm, self.owner)
 
 
+class ShmTooSmall(Exception):
+    """/dev/shm cannot hold even the smallest ring this run needs."""
+
+
+def fit_to_shm(rc: RingConfig, fetchers: int, workers: int, available_bytes: int, min_fetch_bytes: int) -> RingConfig:
+    """``rc`` with the fetchers' part shrunk to what ``available_bytes`` of /dev/shm holds.
+
+    The segment is sparse, but every page a body or an output is written to must exist in the
+    tmpfs behind /dev/shm: past its size a write is a SIGBUS, not an error. Containers often
+    give /dev/shm 64 MiB (Docker's default), so the rings are fitted to its free space (90 %
+    of it, what else uses it may grow), the fetchers' caps first since they only bound the
+    transfer target. Raises ShmTooSmall when a fetcher would not hold ``min_fetch_bytes``.
+    """
+    sb = rc.slot_bytes
+    worker_bytes = workers * rc.worker_slots * sb
+    if fetchers * rc.fetch_slots * sb + worker_bytes <= available_bytes:
+        return rc
+    fetch_slots = int((0.9 * available_bytes - worker_bytes) / fetchers) // sb
+    if fetch_slots * sb < min_fetch_bytes:
+        need = (fetchers * min_fetch_bytes + worker_bytes) / 0.9
+        raise ShmTooSmall(
+            f"/dev/shm has {available_bytes / 2**20:.0f} MiB free; this run needs at least {need / 2**20:.0f} MiB "
+            f"({fetchers} fetcher(s) holding two bodies of --max-bytes each, {workers} worker(s) x "
+            f"{rc.worker_slots * sb / 2**20:.0f} MiB). In a container, give it more (docker run --shm-size=2g), "
+            "or lower --max-bytes or --procs"
+        )
+    return RingConfig(slot_bytes=sb, fetch_slots=fetch_slots, worker_slots=rc.worker_slots)
+
+
+def shm_available_bytes(shm_dir: Path = Path("/dev/shm")) -> int | None:
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def new_segment(size: int) -> shared_memory.SharedMemory:
     """A new segment named after this process, so a later run can tell stale ones apart."""
     name = f"{SEGMENT_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"

@@ -47,7 +47,7 @@ from .errors import Reason
 from .fetcher import FetchInfo, FetchJob, fetcher_main
 from .inputs import BadRow, Row
 from .layout import ORIGINAL
-from .ring import Slab, SlotRange, remove_stale_segments
+from .ring import ShmTooSmall, Slab, SlotRange, fit_to_shm, remove_stale_segments, shm_available_bytes
 from .stats import F, Role, Stats, StatsLayout
 from .worker import Decoded, OutputRef, worker_main
 from .writer import WriteRecord, original_ext, writer_main
@@ -270,9 +270,18 @@ class Supervisor:
 
     def _start_children(self) -> None:
         cfg = self.cfg
-        rc = cfg.ring
         nf = max(1, cfg.fetch.fetchers)
         nw = max(1, cfg.workers)
+        rc = cfg.ring
+        shm = shm_available_bytes()
+        if shm is not None:  # every cell starts at once: each may count on its share
+            try:
+                rc = fit_to_shm(rc, nf, nw, shm // (self.cell.count if self.cell else 1), 2 * cfg.fetch.max_body_bytes)
+            except ShmTooSmall as e:
+                raise RunError(str(e)) from None
+            if rc != cfg.ring:
+                log.warning("/dev/shm has %d MiB free: the fetchers' rings are capped at %d MiB each",
+                            shm >> 20, rc.fetch_slots * rc.slot_bytes >> 20)
         total = nf * rc.fetch_slots + nw * rc.worker_slots
         self.slab = Slab.create(total, rc.slot_bytes)
         self.fetch_ranges = [SlotRange(i * rc.fetch_slots, (i + 1) * rc.fetch_slots) for i in range(nf)]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
+import pytest
+
+from conftest import CLI, REPO, _ENV as ENV, db_rows, write_list
 from engine.ring import Slab
 
 SLOT = 64 * 1024
@@ -82,3 +86,44 @@ def test_release_gives_free_slots_memory_back_to_the_system() -> None:
         assert slab.read([20], SLOT) == body
     finally:
         slab.close()
+
+
+def test_rings_fit_what_dev_shm_holds() -> None:
+    from engine.ring import RingConfig, ShmTooSmall, fit_to_shm
+
+    rc = RingConfig()  # 768 MiB per fetcher, 64 MiB per worker
+    mib = 1 << 20
+    assert fit_to_shm(rc, 1, 2, 24 << 30, 100 * mib) == rc, "room enough: unchanged"
+    small = fit_to_shm(rc, 2, 2, 600 * mib, 100 * mib)
+    assert small.worker_slots == rc.worker_slots and small.slot_bytes == rc.slot_bytes
+    total = (2 * small.fetch_slots + 2 * small.worker_slots) * small.slot_bytes
+    assert 0.85 * 600 * mib <= total <= 0.9 * 600 * mib, total / mib
+    with pytest.raises(ShmTooSmall, match="--shm-size"):
+        fit_to_shm(rc, 1, 2, 64 * mib, 100 * mib)  # Docker's default /dev/shm
+
+
+def _in_small_shm(size_mib: int, args: list) -> subprocess.CompletedProcess:
+    """The CLI in a mount namespace of its own whose /dev/shm is a tmpfs of ``size_mib``."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here (unshare -m: {probe.stderr.decode().strip()})")
+    script = f'mount -t tmpfs -o size={size_mib}m tmpfs /dev/shm && exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *CLI, *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
+
+
+def test_a_small_dev_shm_caps_the_rings_or_stops_the_run_clearly(tmp_path, corpus, server) -> None:
+    _, items = corpus
+    good = [i for i in items if not i.broken][:20]
+    lst = write_list(tmp_path / "images.csv", good, server.base_url)
+    args = ["run", lst, "--sizes", "64", "--procs", "2", "--ui", "plain"]
+    # Docker's default 64 MiB: not even two bodies of --max-bytes and the workers' rings
+    p = _in_small_shm(64, [*args, "--out", tmp_path / "a"])
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "/dev/shm has 64 MiB free" in p.stderr and "--shm-size" in p.stderr, p.stderr[-2000:]
+    # 400 MiB: the fetcher's ring is capped to fit, and the run completes
+    p = _in_small_shm(400, [*args, "--out", tmp_path / "b"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "the fetchers' rings are capped at" in p.stderr, p.stderr[-2000:]
+    rows = db_rows(tmp_path / "b" / "oidl.sqlite")
+    assert len(rows) == len(good) and all(v == ("ok", None) for v in rows.values())
