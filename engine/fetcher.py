@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from multiprocessing.connection import Connection
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 from urllib.parse import urlsplit
 
 import pycurl
@@ -60,6 +60,9 @@ _SPARE_FDS = 128
 #: share of the --ring-mb cap bodies in flight may take (so it caps the target); the rest is
 #: for bodies waiting downstream for workers
 _IN_FLIGHT_SHARE = 0.75
+#: transfers shorter than this on average take a body's promised slots all at once (see
+#: Fetcher.whole_promise); longer ones one by one as bytes arrive
+_WHOLE_PROMISE_S = 1.0
 #: seconds of the workers' work that may wait downstream before the fetcher stops starting
 _DOWNSTREAM_S = 1.0
 #: shrink the ring's memory when its usable size fell this much since the last time...
@@ -214,6 +217,9 @@ class Fetcher:
         # touched. A slow body is half there on average, so the in-flight memory is about
         # half what the promises add up to. Always <= len(self.free).
         self.promised = 0
+        # While transfers are short (fast hosts: memory is not what binds), a body takes its
+        # whole promise with its first bytes: consecutive slots, so no copy in the worker.
+        self.whole_promise = True
         # What to reserve for a body of unknown size (plain URL lists), learnt as bodies come;
         # a body larger than its reservation takes more slots as it arrives.
         self.mean_body_bytes = 256 * 1024.0
@@ -270,6 +276,8 @@ class Fetcher:
                 return 0
             need = -(-(a.nbytes + n) // slot_bytes) - len(a.slots)
             if need > 0:
+                if not a.slots and self.whole_promise:
+                    need = max(need, a.promised)  # all at once: consecutive slots
                 # beyond its promise (a body larger than expected), a body takes only free
                 # slots nobody was promised
                 if need > a.promised and len(free) - self.promised < need - a.promised:
@@ -522,8 +530,10 @@ class Fetcher:
         md5 = "" if a.nbytes else _EMPTY_MD5
         return FetchInfo(eff, a.attempts, a.ctype, time.monotonic() - a.first_start, md5)
 
-    def _free(self, slots: list[int]) -> None:
-        self.free.extend(slots)
+    def _free(self, slots: Sequence[int]) -> None:
+        # pushed last slot first, so the next body pops them in ascending order: consecutive
+        # slots reach the worker's decoder as one view of the slab, without a copy
+        self.free.extend(reversed(slots))
 
     # -- scheduling ---------------------------------------------------------------------
     def _enqueue(self, a: _Attempt) -> None:
@@ -613,6 +623,7 @@ class Fetcher:
             )
         )
         self._resize_ring()
+        self.whole_promise = (self.tuner.transfer_s or 0.0) < _WHOLE_PROMISE_S
         self.stats.set(F.TRANSFERS_TARGET, self.transfers)
         self.stats.set(F.OWNED_SLOTS, self.usable)
         self.trimmed_at = max(self.trimmed_at, self.usable)  # the peak since memory was last given back
@@ -705,7 +716,7 @@ class Fetcher:
                 if kind == "jobs":
                     self._add_jobs(msg[1])
                 elif kind == "slots":
-                    self.free.extend(msg[1])
+                    self._free(msg[1])
                     self.downstream -= len(msg[1])
                 elif kind == "stop":
                     self.stopping = True
