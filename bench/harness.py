@@ -16,7 +16,7 @@ big-list       a 2M-row list: time to the first finished image, RSS over a fixed
                (then Ctrl-C, which the engine drains gracefully)
 fetch-only     small files, ``--sizes ''``, originals kept: requests/s per fetcher process vs
                wrk (or ``curl --parallel``) on the same server
-scale-out      the one-size corpus at ``--procs 2`` and ``--procs 16`` (default options): each
+scale-out      the one-size corpus at ``--procs 2`` and ``--procs 16``, twice (default options): each
                process kind's steady-state CPU per image, the single-process ceilings, and
                the throughput of 16 against 2 (on 2 cores: the cost of the extra processes)
 shards         ``--sizes 256`` with ``--format webdataset`` vs the same run with ``--format files``
@@ -516,6 +516,10 @@ def scenario_fetch_only(cfg: BenchConfig, server: FileServer, corpus: Corpus) ->
 SINGLE_PROCESS_MS_GOAL = 0.1
 
 
+def _steady_rate(run: dict[str, Any]) -> float:
+    return (run.get("steady_state") or {}).get("images_per_s", 0.0)
+
+
 def scenario_scale_out(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> dict[str, Any]:
     from dataclasses import replace
 
@@ -525,16 +529,27 @@ def scenario_scale_out(cfg: BenchConfig, server: FileServer, corpus: Corpus) -> 
     write_list(list_path, items, server.url, n=cfg.scale_images)
     warm_page_cache([corpus.root / i.relpath for i in items])
     result: dict[str, Any] = {"images": cfg.scale_images, "sizes": [256], "procs": list(cfg.scale_procs), "runs": {}}
-    for procs in cfg.scale_procs:
-        eng, _ = run_engine(
-            replace(cfg, procs=procs),
-            list_path,
-            cfg.work_dir / "out" / f"scale-out-{procs}",
-            "256",
-            ["--max-host-connections", str(cfg.host_connections)],
-            progress=True,
-        )
-        result["runs"][str(procs)] = eng
+    # Low, high, low, high: one pair of ~15-s runs on this shared VM gave 0.83 and 1.04 with the
+    # same code minutes apart. Each --procs keeps its faster steady state (the run the machine
+    # disturbed least); every pair's own ratio is kept too.
+    pairs = []
+    for _ in range(1 if cfg.smoke else 2):
+        pair = {}
+        for procs in cfg.scale_procs:
+            eng, _ = run_engine(
+                replace(cfg, procs=procs),
+                list_path,
+                cfg.work_dir / "out" / f"scale-out-{procs}",
+                "256",
+                ["--max-host-connections", str(cfg.host_connections)],
+                progress=True,
+            )
+            pair[procs] = eng
+            best = result["runs"].get(str(procs))
+            if best is None or _steady_rate(eng) > _steady_rate(best):
+                result["runs"][str(procs)] = eng
+        pairs.append(_ratio(*(_steady_rate(pair[p]) for p in reversed(cfg.scale_procs))))
+    result["pair_ratios"] = pairs
     lo, hi = (result["runs"][str(p)].get("steady_state") for p in cfg.scale_procs)
     if lo and hi:
         # a kind multiplies when the bigger run has more processes of it
