@@ -219,8 +219,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, lists_required: bool = True)
         default=RingConfig.fetch_slots * RingConfig.slot_bytes // (1024 * 1024),
         help="most shared memory per fetcher for bodies in flight or waiting for workers, MiB. Only the part "
         "the current transfer target needs is used (and given back when the target falls); this cap bounds "
-        "the target when bodies are large: a transfer starts only when the ring can hold its expected body "
-        "(OriginalSize, else the mean so far)",
+        "the target when bodies are large: a transfer starts only when the ring can promise room for its "
+        "expected body (OriginalSize, else the mean so far), and takes the pages as bytes arrive. Lowered "
+        "at start, with a warning, to what /dev/shm has free (in a container: docker run --shm-size=2g)",
     )
 
     g = p.add_argument_group("network")
