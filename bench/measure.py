@@ -95,11 +95,14 @@ class TreeSampler(threading.Thread):
         t = round(time.monotonic() - self.t0, 2)
         s.series.append((t, rss, pss))
         if self.probe is not None:
-            try:
-                done = self.probe()
-            except Exception:  # noqa: BLE001 - e.g. the DB does not exist yet
-                done = 0
-            s.progress.append((t, done, {pid: s.cpu_by_pid[pid] for pid in (p.pid for p in procs) if pid in s.cpu_by_pid}))
+            s.progress.append((t, self._done(), {pid: s.cpu_by_pid[pid] for pid in (p.pid for p in procs) if pid in s.cpu_by_pid}))
+
+    def _done(self) -> int:
+        assert self.probe is not None
+        try:
+            return self.probe()
+        except Exception:  # noqa: BLE001 - e.g. the DB does not exist yet
+            return 0
 
     def stop(self) -> TreeStats:
         self._stop_event.set()
@@ -107,10 +110,7 @@ class TreeSampler(threading.Thread):
         if self.probe is not None:
             # the rows done at the end: a short (smoke) run can end between two samples below
             # the steady-state window's upper mark; the CPU is each process's last sample
-            try:
-                done = self.probe()
-            except Exception:  # noqa: BLE001
-                done = 0
+            done = self._done()
             s = self.stats
             if not s.progress or done > s.progress[-1][1]:
                 s.progress.append((round(time.monotonic() - self.t0, 2), done, dict(s.cpu_by_pid)))

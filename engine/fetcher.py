@@ -220,8 +220,8 @@ class Fetcher:
         # While transfers are short (fast hosts: memory is not what binds), a body takes its
         # whole promise with its first bytes: consecutive slots, so no copy in the worker.
         self.whole_promise = True
-        # What to reserve for a body of unknown size (plain URL lists), learnt as bodies come;
-        # a body larger than its reservation takes more slots as it arrives.
+        # What to promise a body of unknown size (plain URL lists), learnt as bodies come;
+        # a body larger than its promise takes more slots as it arrives.
         self.mean_body_bytes = 256 * 1024.0
         self.reserve_cap = max(1, len(slots) // 8)
         # The segment holds --ring-mb per fetcher; the part we let ourselves use follows the
@@ -280,7 +280,7 @@ class Fetcher:
                     need = max(need, a.promised)  # all at once: consecutive slots
                 # beyond its promise (a body larger than expected), a body takes only free
                 # slots nobody was promised
-                if need > a.promised and len(free) - self.promised < need - a.promised:
+                if need > a.promised and self._unpromised() < need - a.promised:
                     # Backpressure: the ring is full downstream. Pause this transfer (libcurl
                     # keeps the chunk and redelivers it) instead of buffering in memory.
                     if not a.paused:
@@ -389,7 +389,7 @@ class Fetcher:
             if a.job.expected_size is not None and size != a.job.expected_size:
                 return False
             need = slots_needed(size, self.slab.slot_bytes)
-            if len(self.free) - self.promised < need:
+            if self._unpromised() < need:
                 return False
             slots = [self.free.pop() for _ in range(need)]
             md5 = hashlib.md5()
@@ -516,7 +516,7 @@ class Fetcher:
     def _send_body(self, a: _Attempt, eff: str) -> None:
         self.jobs_held -= 1
         keep = slots_needed(a.nbytes, self.slab.slot_bytes)
-        if len(a.slots) > keep:  # reserved for a larger body than came
+        if len(a.slots) > keep:  # a whole promise taken for a larger body than came
             self._free(a.slots[keep:])
         slots = tuple(a.slots[:keep])
         self.mean_body_bytes += (a.nbytes - self.mean_body_bytes) / 32
@@ -529,6 +529,10 @@ class Fetcher:
         # a body's MD5 comes from the worker; a failed transfer kept no body
         md5 = "" if a.nbytes else _EMPTY_MD5
         return FetchInfo(eff, a.attempts, a.ctype, time.monotonic() - a.first_start, md5)
+
+    def _unpromised(self) -> int:
+        """Free slots no transfer in flight was promised: what a new body may count on."""
+        return len(self.free) - self.promised
 
     def _free(self, slots: Sequence[int]) -> None:
         # pushed last slot first, so the next body pops them in ascending order: consecutive
@@ -578,7 +582,7 @@ class Fetcher:
                 continue
             a = q[0]
             want = self._slots_to_reserve(a)
-            if want > len(self.free) - self.promised or want > room:
+            if want > self._unpromised() or want > room:
                 break  # the ring is spoken for: wait until bodies move on
             q.popleft()
             self.queued -= 1
@@ -677,7 +681,7 @@ class Fetcher:
         # re-pauses inside pause(CONT) goes to the back; at most one pass over the queue.
         progressed = False
         for _ in range(len(paused)):
-            if len(self.free) <= self.promised:
+            if not self._unpromised():
                 break
             a = paused.popleft()
             if not a.paused or a.curl is None:
@@ -779,7 +783,7 @@ class Fetcher:
             stats.set(F.DOWNLOADS_IN_PROGRESS, len(self.active))
             stats.set(F.PARKED, len(self.parked) + self.queued)
             # the ring as the UIs show it: the usable part (the segment is sized for the cap)
-            stats.set(F.FREE_SLOTS, max(0, len(self.free) - self.promised - (len(self.slot_range) - self.usable)))
+            stats.set(F.FREE_SLOTS, max(0, self._unpromised() - (len(self.slot_range) - self.usable)))
             stats.set(F.HEARTBEAT_MS, int(time.monotonic() * 1000))
             self.board.publish(self.active.values(), now)
         for c in list(self.active):

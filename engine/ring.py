@@ -193,6 +193,10 @@ class Slab:
         close_segment(self._shm, self.owner)
 
 
+#: share of /dev/shm's free space the rings may take: what else uses it may grow
+_SHM_SHARE = 0.9
+
+
 class ShmTooSmall(Exception):
     """/dev/shm cannot hold even the smallest ring this run needs."""
 
@@ -210,9 +214,9 @@ def fit_to_shm(rc: RingConfig, fetchers: int, workers: int, available_bytes: int
     worker_bytes = workers * rc.worker_slots * sb
     if fetchers * rc.fetch_slots * sb + worker_bytes <= available_bytes:
         return rc
-    fetch_slots = int((0.9 * available_bytes - worker_bytes) / fetchers) // sb
+    fetch_slots = int((_SHM_SHARE * available_bytes - worker_bytes) / fetchers) // sb
     if fetch_slots * sb < min_fetch_bytes:
-        need = (fetchers * min_fetch_bytes + worker_bytes) / 0.9
+        need = (fetchers * min_fetch_bytes + worker_bytes) / _SHM_SHARE
         raise ShmTooSmall(
             f"/dev/shm has {available_bytes / 2**20:.0f} MiB free; this run needs at least {need / 2**20:.0f} MiB "
             f"({fetchers} fetcher(s) holding two bodies of --max-bytes each, {workers} worker(s) x "

@@ -446,9 +446,9 @@ class Supervisor:
         taken while its extra bytes download: by Little's law, what the fetchers hold (in
         flight and queued) times its size over the mean, less one. It then ends about when
         its turn would have come, and in steady state as many large bodies are in flight as
-        in list order (the ring's memory is the same). The window grows by at most n rows
-        per request of n, so when it grows, at most twice the usual share of large rows fall
-        due at once. Order does not matter for correctness: rows are finished by ImageID.
+        in list order (the ring's memory is the same). The window grows by at most n/2 rows
+        per request of n, so when it grows, at most one and a half times the usual share of
+        large rows fall due at once. Order does not matter for correctness: rows are finished by ImageID.
         """
         if self.feed_done or self.stop_signals:
             return
@@ -812,19 +812,14 @@ class Supervisor:
                 # rows still waiting to be fetched are abandoned: the next run does them
                 for f in self.fetchers:
                     for seq in f.holds:
-                        r = self.rows.pop(seq, None)
-                        if r is not None:
-                            self.by_id.pop(self._key(r.row), None)
+                        self._abandon(seq)
                     f.holds.clear()
                 for seq in self.refeed:
-                    self.rows.pop(seq, None)
+                    self._abandon(seq)
                 self.refeed.clear()
                 for _, job in self.ahead:
-                    if job.seq in self.handed:  # handed out early: in the holds above, or done
-                        continue
-                    r = self.rows.pop(job.seq, None)
-                    if r is not None:
-                        self.by_id.pop(self._key(r.row), None)
+                    if job.seq not in self.handed:  # handed out early: in the holds above, or done
+                        self._abandon(job.seq)
                 self.ahead.clear()
                 self.early.clear()
                 self.handed.clear()
@@ -871,6 +866,12 @@ class Supervisor:
             if self.on_tick and now - last_tick >= 0.5:
                 last_tick = now
                 self.on_tick(self)
+
+    def _abandon(self, seq: int) -> None:
+        """Forget a row not fetched yet (stopping): the next run does it."""
+        r = self.rows.pop(seq, None)
+        if r is not None:
+            self.by_id.pop(self._key(r.row), None)
 
     def _reap_counter(self) -> None:
         # The counter exits within seconds of the start; reaped now, not at the end of the
